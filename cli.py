@@ -1,0 +1,9 @@
+"""Entry point: ``python cli.py {fit,validate,test,predict} --config configs/X.yaml``.
+
+The same command is installed as ``lightning-gen``. See lightning_gen/cli.py.
+"""
+
+from lightning_gen.cli import main
+
+if __name__ == "__main__":
+    main()

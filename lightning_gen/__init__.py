@@ -1,0 +1,7 @@
+"""lightning-gen: deep generative models as PyTorch Lightning modules."""
+
+from lightning_gen.autoencoder import Autoencoder
+from lightning_gen.base import GenerativeModule
+from lightning_gen.vae import VAE
+
+__all__ = ["Autoencoder", "GenerativeModule", "VAE"]

@@ -1,0 +1,3 @@
+from lightning_gen.autoencoder.module import Autoencoder
+
+__all__ = ["Autoencoder"]

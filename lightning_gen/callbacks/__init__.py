@@ -1,0 +1,11 @@
+"""Callbacks that work with every family and every logger."""
+
+from lightning_gen.callbacks.latent import LatentInterpolation, interpolate
+from lightning_gen.callbacks.media import image_grid, log_image, samples_image, scatter_image
+from lightning_gen.callbacks.prediction import PredictionWriter, write_samples
+from lightning_gen.callbacks.samples import SampleLogger
+
+__all__ = [
+    "LatentInterpolation", "PredictionWriter", "SampleLogger", "image_grid", "interpolate",
+    "log_image", "samples_image", "scatter_image", "write_samples",
+]

@@ -1,0 +1,63 @@
+"""Exponential moving average of a network's weights (Polyak averaging).
+
+Used by the families that sample from averaged weights (GAN generators, diffusion denoisers).
+The averaged copy is an ``nn.Module`` attribute of the LightningModule, so it moves with
+``.to(device)``, is saved in checkpoints and is restored by ``load_from_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class ExponentialMovingAverage(nn.Module):
+    """``ema = decay * ema + (1 - decay) * weights`` after each optimizer step.
+
+    Args:
+        network: the network to average; a frozen deep copy is kept.
+        decay: the averaging rate per update, in [0, 1).
+        warmup: use ``min(decay, (1 + n) / (10 + n))`` at update ``n`` so the average forgets the
+            random initialization quickly early in training (as in TensorFlow's
+            ExponentialMovingAverage with num_updates).
+    """
+
+    def __init__(self, network: nn.Module, decay: float = 0.999, warmup: bool = True) -> None:
+        super().__init__()
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.warmup = warmup
+        self.averaged = copy.deepcopy(network).eval().requires_grad_(False)
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+
+    def current_decay(self) -> torch.Tensor:
+        if not self.warmup:
+            return torch.full((), self.decay, device=self.num_updates.device)
+        n = self.num_updates.float()
+        return torch.clamp((1.0 + n) / (10.0 + n), max=self.decay)
+
+    @torch.no_grad()
+    def update(self, network: nn.Module) -> None:
+        # The decay stays a tensor so the update needs no host sync.
+        weight = 1.0 - self.current_decay()
+        averaged = [p for p in self.averaged.parameters()]
+        current = [p.detach() for p in network.parameters()]
+        if len(averaged) != len(current):
+            raise ValueError("the network's parameters do not match the averaged copy's")
+        for average, value in zip(averaged, current):
+            average.lerp_(value.to(average.dtype), weight)
+        for average, value in zip(self.averaged.buffers(), network.buffers()):
+            average.copy_(value)
+        self.num_updates += 1
+
+    def train(self, mode: bool = True) -> "ExponentialMovingAverage":
+        # The averaged copy is only ever evaluated (dropout off, norm statistics frozen).
+        super().train(mode)
+        self.averaged.eval()
+        return self
+
+    def forward(self, *args, **kwargs):
+        return self.averaged(*args, **kwargs)

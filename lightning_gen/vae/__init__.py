@@ -1,0 +1,3 @@
+from lightning_gen.vae.module import VAE
+
+__all__ = ["VAE"]
