@@ -77,7 +77,6 @@ def tiny_trainer(root, **overrides) -> L.Trainer:
     return L.Trainer(**settings)
 
 
-@pytest.mark.filterwarnings("ignore:You are trying to `self.log\(\)`")
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_family_contract(name, tmp_path, mnist_root):
     family = FAMILIES[name]
