@@ -2,6 +2,7 @@
 
 from lightning_gen.autoencoder import Autoencoder
 from lightning_gen.base import GenerativeModule
+from lightning_gen.diffusion import Diffusion
 from lightning_gen.vae import VAE
 
-__all__ = ["Autoencoder", "GenerativeModule", "VAE"]
+__all__ = ["Autoencoder", "Diffusion", "GenerativeModule", "VAE"]

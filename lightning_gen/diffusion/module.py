@@ -1,0 +1,329 @@
+"""Denoising diffusion probabilistic model (Ho et al. 2020) with DDIM sampling (Song et al. 2021)
+and classifier-free guidance (Ho & Salimans 2021).
+
+Forward process: q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I), drawn in closed form
+(Ho et al. 2020, eq. 4) for a timestep t ~ Uniform{0 .. T-1} drawn per example.
+Training (Ho et al. 2020, Algorithm 1 / eq. 14, the "simple" loss):
+    loss = E_{x_0, t, eps} || eps - eps_theta(sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, t) ||^2
+(mean over dimensions), or with ``prediction="v"`` the same MSE on v = sqrt(alpha_bar_t) eps -
+sqrt(1 - alpha_bar_t) x_0 (Salimans & Ho 2022). ``val/loss`` and ``test/loss`` are the same MSE
+(computed with the EMA weights when they exist, with fixed noise per batch so epochs compare).
+
+Sampling: ancestral DDPM over all T steps (Ho et al. 2020, Algorithm 2) or DDIM over a sub-sequence
+of ``steps`` timesteps with noise scale ``eta`` (Song et al. 2021, eqs. 12 and 16); see
+``samplers.py``. Images are scaled from [0, 1] to [-1, 1] for the network (Ho et al. 2020, sec. 3.3)
+and back for ``sample``; vectors are used in data coordinates.
+
+Class conditioning with classifier-free guidance (Ho & Salimans 2021): in training the label is
+replaced by a null label with probability ``label_dropout``, so one network learns both
+eps(x_t, t, y) and eps(x_t, t); sampling uses
+    eps_guided = eps(x_t, t) + guidance_scale (eps(x_t, t, y) - eps(x_t, t)),
+where guidance_scale = 1 is the plain conditional model and larger values trade diversity for
+fidelity (the paper's w is guidance_scale - 1).
+
+An exponential moving average of the weights (``ema_decay``) is kept after every optimizer step
+and used for validation, sampling and ``predict``; it is part of the module, so checkpoints save it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_gen.base import GenerativeModule
+from lightning_gen.diffusion.nets import MLPDenoiser, UNet
+from lightning_gen.diffusion.samplers import SAMPLERS, sampling_loop
+from lightning_gen.diffusion.schedule import NoiseSchedule
+from lightning_gen.nn.ema import ExponentialMovingAverage
+
+PREDICTIONS = ("epsilon", "v")
+
+
+class Diffusion(GenerativeModule):
+    """DDPM / DDIM with a U-Net for images (C, H, W) or an MLP denoiser for vectors (D,).
+
+    Args:
+        data_shape: (C, H, W) images in [0, 1] or (D,) vectors (linked from the data module).
+        num_timesteps: T, the number of diffusion steps.
+        beta_schedule: ``"linear"`` (Ho et al. 2020) or ``"cosine"`` (Nichol & Dhariwal 2021).
+        prediction: what the network predicts: ``"epsilon"`` (the noise) or ``"v"``.
+        base_channels, channel_multipliers, num_res_blocks, attention_levels, num_heads,
+            norm_groups: the U-Net (images; see ``nets.UNet``).
+        dropout: dropout in the U-Net's residual blocks.
+        hidden_dim, num_layers: the MLP denoiser (vectors).
+        num_classes: number of labels for a class-conditional model (None: unconditional).
+        label_dropout: probability of training with the null label (classifier-free guidance).
+        guidance_scale: default guidance scale of ``sample`` for conditional models (1: none).
+        ema_decay: decay of the weight average used for sampling and validation (None: no EMA).
+        clip_denoised: clip the predicted x_0 to [-1, 1] while sampling (default: True for images,
+            False for vectors, whose range is not bounded).
+        predict_sampler, predict_steps, predict_eta: what ``predict`` (and the default ``sample``)
+            uses: DDIM with 50 steps and eta = 0 by default.
+        learning_rate, weight_decay, lr_schedule, warmup_steps: see GenerativeModule.
+    """
+
+    def __init__(
+        self,
+        data_shape: Sequence[int] = (1, 28, 28),
+        num_timesteps: int = 1000,
+        beta_schedule: str = "linear",
+        prediction: str = "epsilon",
+        base_channels: int = 32,
+        channel_multipliers: Sequence[int] = (1, 2, 4),
+        num_res_blocks: int = 2,
+        attention_levels: Sequence[int] = (2,),
+        num_heads: int = 4,
+        norm_groups: int = 32,
+        dropout: float = 0.0,
+        hidden_dim: int = 128,
+        num_layers: int = 3,
+        num_classes: int | None = None,
+        label_dropout: float = 0.1,
+        guidance_scale: float = 1.0,
+        ema_decay: float | None = 0.999,
+        clip_denoised: bool | None = None,
+        predict_sampler: str = "ddim",
+        predict_steps: int | None = 50,
+        predict_eta: float = 0.0,
+        learning_rate: float = 2e-4,
+        weight_decay: float = 0.0,
+        lr_schedule: str = "constant",
+        warmup_steps: int = 0,
+    ) -> None:
+        super().__init__(data_shape, learning_rate, weight_decay, lr_schedule, warmup_steps)
+        self.save_hyperparameters()
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+            raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}")
+        if not 0.0 <= label_dropout < 1.0:
+            raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}")
+        if num_classes is not None and label_dropout == 0.0 and guidance_scale != 1.0:
+            raise ValueError("guidance_scale != 1 needs an unconditional model too: set label_dropout > 0")
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if predict_sampler not in SAMPLERS:
+            raise ValueError(f"predict_sampler must be one of {SAMPLERS}, got {predict_sampler!r}")
+        self.prediction = prediction
+        self.num_classes = num_classes
+        self.label_dropout = label_dropout
+        self.guidance_scale = guidance_scale
+        self.clip_denoised = self.is_image if clip_denoised is None else clip_denoised
+        self.predict_sampler = predict_sampler
+        self.predict_steps = predict_steps
+        self.predict_eta = predict_eta
+        self.schedule = NoiseSchedule(num_timesteps, beta_schedule)
+        if self.is_image:
+            self.network: nn.Module = UNet(
+                self.data_shape[0], base_channels, channel_multipliers, num_res_blocks,
+                attention_levels, num_heads, dropout, num_classes, norm_groups)
+        else:
+            self.network = MLPDenoiser(self.data_shape[0], hidden_dim, num_layers, num_classes)
+        self.ema = ExponentialMovingAverage(self.network, ema_decay) if ema_decay is not None else None
+        # The sampling defaults are checked now rather than at the end of a long fit.
+        if predict_steps is not None and not 1 <= predict_steps <= num_timesteps:
+            raise ValueError(f"predict_steps must be None or in 1..{num_timesteps}, got {predict_steps}")
+        if predict_sampler == "ddpm" and predict_steps not in (None, num_timesteps):
+            raise ValueError("predict_sampler='ddpm' walks all T steps: set predict_steps to null "
+                             f"(or {num_timesteps}), or use predict_sampler='ddim' with predict_eta=1.0")
+
+    # ------------------------------------------------------------------------ pre/postprocessing
+    def preprocess(self, x: Tensor) -> Tensor:
+        """Images [0, 1] -> [-1, 1] (Ho et al. 2020, sec. 3.3); vectors unchanged."""
+        return x * 2.0 - 1.0 if self.is_image else x
+
+    def postprocess(self, x: Tensor) -> Tensor:
+        """Back to data space: images [-1, 1] -> [0, 1] (clamped); vectors unchanged."""
+        return ((x + 1.0) / 2.0).clamp(0.0, 1.0) if self.is_image else x
+
+    # ------------------------------------------------------------------------------- training
+    @property
+    def num_timesteps(self) -> int:
+        return self.schedule.num_timesteps
+
+    def target(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """What the network regresses: eps, or v (Salimans & Ho 2022)."""
+        return eps if self.prediction == "epsilon" else self.schedule.velocity(x0, t, eps)
+
+    def drop_labels(self, y: Tensor | None) -> Tensor | None:
+        """For conditional models, replace each label by the null label with probability label_dropout."""
+        if self.num_classes is None:
+            return None
+        dropped = torch.rand(y.shape, device=y.device) < self.label_dropout
+        return torch.where(dropped, torch.full_like(y, self.num_classes), y)
+
+    def diffusion_loss(self, x0: Tensor, y: Tensor | None, network: nn.Module | None = None,
+                       generator: torch.Generator | None = None) -> Tensor:
+        """The simple loss (Ho et al. 2020, eq. 14) of x_0 in model space (B, ...): a scalar."""
+        network = network if network is not None else self.network
+        t = torch.randint(0, self.num_timesteps, (len(x0),), device=x0.device, generator=generator)
+        eps = torch.randn(x0.shape, device=x0.device, generator=generator)
+        x_t = self.schedule.q_sample(x0, t, eps)  # (B, ...)
+        output = network(x_t, t, y)
+        return F.mse_loss(output.float(), self.target(x0, t, eps))
+
+    def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str, batch_idx: int = 0) -> Tensor:
+        x, y = batch
+        x0 = self.preprocess(x)  # (B, ...)
+        if stage == "train":
+            loss = self.diffusion_loss(x0, self.drop_labels(y))
+        else:
+            # The same t and noise for a batch at every validation (seeded by its index), so that
+            # successive epochs measure the same thing; the labels are kept (the conditional loss).
+            generator = torch.Generator(device=x0.device).manual_seed(batch_idx)
+            labels = y if self.num_classes is not None else None
+            loss = self.diffusion_loss(x0, labels, self.sampling_network(), generator)
+        self.log_loss(stage, loss, len(x))
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._shared_step(batch, "train", batch_idx)
+
+    def validation_step(self, batch, batch_idx):
+        return self._shared_step(batch, "val", batch_idx)
+
+    def test_step(self, batch, batch_idx):
+        return self._shared_step(batch, "test", batch_idx)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        # The average follows every optimizer step (not every batch, which differs when
+        # gradients accumulate).
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:
+            self.ema.update(self.network)
+
+    # ------------------------------------------------------------------------------- sampling
+    def sampling_network(self, use_ema: bool | None = None) -> nn.Module:
+        """The averaged network when there is one (or ``use_ema=False``: the trained weights)."""
+        if use_ema is None:
+            use_ema = self.ema is not None
+        if use_ema and self.ema is None:
+            raise ValueError("use_ema=True needs a model trained with ema_decay set")
+        return self.ema.averaged if use_ema else self.network
+
+    def check_labels(self, y: Tensor | int | Sequence[int] | None, num_samples: int) -> Tensor | None:
+        """Labels for sampling as a (num_samples,) long tensor on the model's device.
+
+        Conditional models with ``y=None`` cycle through the classes (0, 1, ..., K-1, 0, ...).
+        """
+        if self.num_classes is None:
+            if y is not None:
+                raise ValueError("this model is unconditional (num_classes=None); sample without y")
+            return None
+        if y is None:
+            return torch.arange(num_samples, device=self.device) % self.num_classes
+        y = torch.as_tensor(y, device=self.device)
+        if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise TypeError(f"labels y must be integers, got dtype {y.dtype}")
+        y = y.long().expand(num_samples) if y.dim() == 0 else y.long()
+        if y.shape != (num_samples,):
+            raise ValueError(f"y must be one label or {num_samples} labels, got shape {tuple(y.shape)}")
+        if y.numel() and (y.min() < 0 or y.max() >= self.num_classes):  # a user-input check
+            raise ValueError(f"labels must lie in 0..{self.num_classes - 1}")
+        return y
+
+    def denoiser(self, network: nn.Module, y: Tensor | None, guidance_scale: float):
+        """``(x_t, t) -> eps``: the network's noise prediction with classifier-free guidance."""
+
+        def eps_prediction(x_t: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
+            output = network(x_t, t, labels).float()
+            if self.prediction == "v":
+                return self.schedule.eps_from_velocity(x_t, t, output)
+            return output
+
+        def denoise(x_t: Tensor, t: Tensor) -> Tensor:
+            if y is None or guidance_scale == 1.0:
+                return eps_prediction(x_t, t, y)
+            # One batched call for the conditional and unconditional predictions.
+            null = torch.full_like(y, self.num_classes)
+            both = eps_prediction(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null]))
+            eps_conditional, eps_unconditional = both.chunk(2)
+            return eps_unconditional + guidance_scale * (eps_conditional - eps_unconditional)
+
+        return denoise
+
+    @torch.no_grad()
+    def sample_trajectory(
+        self,
+        num_samples: int,
+        sampler: str | None = None,
+        steps: int | None = None,
+        eta: float | None = None,
+        y: Tensor | int | Sequence[int] | None = None,
+        guidance_scale: float | None = None,
+        use_ema: bool | None = None,
+        x_T: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """The whole denoising trajectory, in data space.
+
+        Returns a dict with ``"states"``: (S + 1, N, *data_shape), x_T, ..., x_0 for S sampler
+        steps, and ``"denoised"``: (S, N, *data_shape), the network's x_0 estimate at each step.
+        Images are mapped to [0, 1] (and clamped) like ``sample``'s output. Arguments as ``sample``.
+        """
+        return self._generate(num_samples, sampler, steps, eta, y, guidance_scale, use_ema, x_T,
+                              record=True)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        num_samples: int,
+        sampler: str | None = None,
+        steps: int | None = None,
+        eta: float | None = None,
+        y: Tensor | int | Sequence[int] | None = None,
+        guidance_scale: float | None = None,
+        use_ema: bool | None = None,
+        x_T: Tensor | None = None,
+    ) -> Tensor:
+        """Draw samples in data space: images (N, C, H, W) in [0, 1] or vectors (N, D).
+
+        Args:
+            num_samples: N.
+            sampler: ``"ddim"`` or ``"ddpm"`` (default: ``predict_sampler``, DDIM).
+            steps: network evaluations; DDIM default ``predict_steps`` (50); DDPM walks all T.
+            eta: DDIM noise scale (default ``predict_eta``, 0: deterministic given x_T).
+            y: labels of a conditional model: one int, or N of them (default: cycle 0..K-1).
+            guidance_scale: classifier-free guidance scale (default: the model's).
+            use_ema: sample with the averaged weights (default: when there are some).
+            x_T: the starting noise (N, *data_shape) (default: drawn from N(0, I)).
+        """
+        return self._generate(num_samples, sampler, steps, eta, y, guidance_scale, use_ema, x_T)["x0"]
+
+    def _generate(self, num_samples, sampler, steps, eta, y, guidance_scale, use_ema, x_T,
+                  record: bool = False) -> dict[str, Tensor]:
+        self.check_num_samples(num_samples)
+        if sampler is None:
+            sampler = self.predict_sampler
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if steps is None and sampler == "ddim":
+            steps = self.predict_steps  # None: 50 (or T when T < 50)
+        eta = self.predict_eta if eta is None else eta
+        guidance_scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+        labels = self.check_labels(y, num_samples)
+        if x_T is None:
+            x_T = torch.randn(num_samples, *self.data_shape, device=self.device)
+        elif tuple(x_T.shape) != (num_samples, *self.data_shape):
+            raise ValueError(f"x_T must have shape {(num_samples, *self.data_shape)}, got {tuple(x_T.shape)}")
+        denoise = self.denoiser(self.sampling_network(use_ema), labels, guidance_scale)
+        x0, states, denoised = sampling_loop(denoise, self.schedule, x_T.to(self.device).float(),
+                                             sampler, steps, eta, self.clip_denoised, record)
+        result = {"x0": self.postprocess(x0).float()}
+        if record:
+            result["states"] = self.postprocess(torch.stack(states)).float()
+            result["denoised"] = self.postprocess(torch.stack(denoised)).float()
+        return result
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """Samples with the predict defaults (DDIM-50); conditional models use the batch's labels."""
+        x, y = batch
+        labels = y if self.num_classes is not None else None
+        return self.sample(len(x), y=labels)
