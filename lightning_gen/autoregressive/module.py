@@ -1,0 +1,417 @@
+"""Autoregressive image models: PixelCNN (van den Oord et al. 2016a, "Pixel Recurrent Neural
+Networks"; gated: van den Oord et al. 2016b, "Conditional Image Generation with PixelCNN
+Decoders") and a decoder-only transformer over pixels (as ImageGPT, Chen et al. 2020).
+
+An image is the sequence of its T = C * H * W values in raster order (rows, then pixels, then
+channels), each quantized to one of K levels, and
+
+    p(x) = prod_t p(x_t | x_<t),     p(x_t | x_<t) = Categorical(softmax(logits_t))
+
+(van den Oord et al. 2016a, eq. 1-2). Training minimizes the exact negative log-likelihood
+-log p(x) = sum_t CE(logits_t, x_t) (nats per image); sampling draws x_0, x_1, ... one value at a
+time, each from the logits computed from the values drawn before it.
+
+Quantization (each model does its own, so both train on MNISTDataModule as it is):
+K = 2 is dynamically binarized MNIST: each pixel is 1 with probability its intensity, redrawn
+every time an image is seen (binary images pass unchanged); K > 2 rounds: level = round(x (K-1)),
+so K = 256 gives the 8-bit images exactly. Images in data space are level / (K - 1) in [0, 1].
+
+``forward(x)`` takes images on that grid, x = level / (K - 1) (what ``quantize_images`` and
+``sample`` return; for K = 256 MNIST as the data module yields it) and returns logits
+(B, K, C, H, W). It accepts any x in [0, 1] and is differentiable in x, so causality can be checked
+by gradient; only grid values are meaningful.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_gen.autoregressive.nets import PixelCNNNet, PixelTransformerNet
+from lightning_gen.base import GenerativeModule
+
+PREDICT_MODES = ("sample", "complete")
+# Options of `predict` only: kept out of the checkpoint's hyperparameters, so that
+# `cli.py predict --ckpt_path ... --model.init_args.predict_mode complete` takes effect (the CLI
+# lets a checkpoint's hyperparameters override the command line).
+PREDICT_OPTIONS = ["predict_mode", "predict_given_rows", "predict_temperature"]
+
+
+class AutoregressiveModule(GenerativeModule):
+    """What PixelCNN and PixelTransformer share: quantization, the exact log-likelihood, the
+    sampling loop and completion. Subclasses define ``forward`` and ``next_logits``.
+
+    Args:
+        data_shape: (C, H, W) of the images (linked from the data module).
+        num_levels: K, the number of levels per value (2: dynamically binarized; 256: 8-bit).
+        num_classes: number of labels for class conditioning; None for an unconditional model.
+        predict_mode: what ``predict`` does with each test image: ``"sample"`` a new image (with
+            the image's label if conditional) or ``"complete"`` keep its top
+            ``predict_given_rows`` rows and sample the rest.
+        predict_given_rows: rows given in ``"complete"`` mode; None: the top half.
+        predict_temperature: temperature of the samples ``predict`` draws.
+        learning_rate, weight_decay, lr_schedule, warmup_steps: see GenerativeModule.
+    """
+
+    def __init__(
+        self,
+        data_shape: Sequence[int],
+        num_levels: int,
+        num_classes: int | None,
+        predict_mode: str,
+        predict_given_rows: int | None,
+        predict_temperature: float,
+        learning_rate: float,
+        weight_decay: float,
+        lr_schedule: str,
+        warmup_steps: int,
+    ) -> None:
+        super().__init__(data_shape, learning_rate, weight_decay, lr_schedule, warmup_steps)
+        if not self.is_image:
+            raise ValueError(f"{type(self).__name__} models images (C, H, W), got data_shape "
+                             f"{self.data_shape}; use a flow or VAE for vectors")
+        if not isinstance(num_levels, int) or not 2 <= num_levels <= 65536:
+            raise ValueError(f"num_levels must be an int in 2..65536 (2: binarized, 256: 8-bit), "
+                             f"got {num_levels!r}")
+        if num_classes is not None and num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1 or None (unconditional), got {num_classes}")
+        if predict_mode not in PREDICT_MODES:
+            raise ValueError(f"predict_mode must be one of {PREDICT_MODES}, got {predict_mode!r}")
+        height = self.data_shape[1]
+        if predict_given_rows is not None and not 0 <= predict_given_rows <= height:
+            raise ValueError(f"predict_given_rows must be in 0..{height} or None (half), "
+                             f"got {predict_given_rows}")
+        if predict_temperature <= 0:
+            raise ValueError(f"predict_temperature must be > 0, got {predict_temperature}")
+        self.num_levels = num_levels
+        self.num_classes = num_classes
+        self.predict_mode = predict_mode
+        self.predict_given_rows = predict_given_rows
+        self.predict_temperature = predict_temperature
+
+    # --------------------------------------------------------------------------- quantization
+    def quantize(self, x: Tensor) -> Tensor:
+        """Images in [0, 1] as the data module yields them -> levels, int64 (B, C, H, W).
+
+        K = 2: dynamic binarization (Bernoulli with the intensity as probability; 0/1 images pass
+        unchanged). K > 2: round(x (K - 1)).
+        """
+        if self.num_levels == 2:
+            return torch.bernoulli(x.float()).long()
+        return torch.round(x.float() * (self.num_levels - 1)).long()
+
+    def levels_to_images(self, levels: Tensor) -> Tensor:
+        """Levels (B, C, H, W) -> images on the grid, level / (K - 1) in [0, 1], float32."""
+        return levels.float() / (self.num_levels - 1)
+
+    def quantize_images(self, x: Tensor) -> Tensor:
+        """Images as the data module yields them -> the model's input grid (see ``forward``)."""
+        return self.levels_to_images(self.quantize(x))
+
+    def check_labels(self, y: Tensor | None, batch_size: int) -> Tensor | None:
+        """The labels the network gets: y for a conditional model, None otherwise."""
+        if self.num_classes is None:
+            if y is not None:
+                raise ValueError(f"{type(self).__name__} was built without num_classes: it takes no "
+                                 "labels y")
+            return None
+        if y is None:
+            raise ValueError(f"{type(self).__name__} is class-conditional (num_classes="
+                             f"{self.num_classes}): pass labels y of shape ({batch_size},)")
+        y = torch.as_tensor(y, device=self.device).long()
+        if y.shape != (batch_size,):
+            raise ValueError(f"y must have shape ({batch_size},), got {tuple(y.shape)}")
+        return y
+
+    # ------------------------------------------------------------------------------ likelihood
+    def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """Images on the K-level grid (B, C, H, W) -> logits (B, K, C, H, W)."""
+        raise NotImplementedError
+
+    def negative_log_likelihood(self, levels: Tensor, y: Tensor | None) -> Tensor:
+        """-log p(x) = sum over the C*H*W values of the cross-entropy, in nats: (B,)."""
+        logits = self(self.levels_to_images(levels), y).float()  # (B, K, C, H, W)
+        return F.cross_entropy(logits, levels, reduction="none").flatten(1).sum(1)
+
+    @torch.no_grad()
+    def log_prob(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """Exact log p(x) in nats per image, (B,), for x as the data module yields it.
+
+        For K = 2, non-binary x is binarized once (a random draw); binary x is used as is.
+        Conditional models need the labels y and give log p(x | y).
+        """
+        self.check_data(x)
+        return -self.negative_log_likelihood(self.quantize(x), self.check_labels(y, len(x)))
+
+    # -------------------------------------------------------------------------------- training
+    def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+        x, y = batch
+        levels = self.quantize(x)  # (B, C, H, W)
+        nll = self.negative_log_likelihood(levels, y if self.num_classes is not None else None)  # (B,)
+        loss = nll.mean()
+        self.log_loss(stage, loss, len(x))
+        if stage != "train":
+            self.log_likelihood_metrics(stage, nll)
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        return self._shared_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        return self._shared_step(batch, "test")
+
+    # -------------------------------------------------------------------------------- sampling
+    def start_sampling(self, batch_size: int, **options: Any) -> Any:
+        """Per-run state of the sampling loop (the transformer's key/value cache); None here."""
+        if options:
+            raise TypeError(f"unknown sampling options {sorted(options)} for {type(self).__name__}")
+        return None
+
+    def next_logits(self, images: Tensor, position: int, y: Tensor | None, state: Any) -> Tensor:
+        """Logits (B, K) of value ``position`` (raster index) given the values before it."""
+        raise NotImplementedError
+
+    def sample_levels(self, levels: Tensor, given: Tensor, y: Tensor | None,
+                      temperature: float, **options: Any) -> Tensor:
+        """Fill the values of ``levels`` (B, C, H, W) where ``given`` is False, in raster order,
+        each drawn from Categorical(logits / temperature) given every value before it.
+
+        Positions given in every image of the batch are skipped (no network call, no random
+        draw); the others are drawn for the whole batch and kept where not given.
+        """
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        C, H, W = self.data_shape
+        levels = levels.clone()
+        images = self.levels_to_images(levels)  # (B, C, H, W), the network's input
+        # one host sync per call (not per position): which positions need a draw
+        needed = (~given).permute(0, 2, 3, 1).flatten(1).any(0).tolist()  # (T,)
+        state = self.start_sampling(len(levels), **options)
+        for position in range(C * H * W):
+            if not needed[position]:
+                continue
+            row, column, channel = position // (W * C), (position // C) % W, position % C
+            logits = self.next_logits(images, position, y, state).float()  # (B, K)
+            drawn = torch.distributions.Categorical(logits=logits / temperature).sample()  # (B,)
+            value = torch.where(given[:, channel, row, column], levels[:, channel, row, column], drawn)
+            levels[:, channel, row, column] = value
+            images[:, channel, row, column] = value.float() / (self.num_levels - 1)
+        return levels
+
+    def sample_labels(self, num_samples: int, y: Tensor | None) -> Tensor | None:
+        """Labels for sampling: y if given, else uniform over the classes (conditional models)."""
+        if y is None and self.num_classes is not None:
+            return torch.randint(self.num_classes, (num_samples,), device=self.device)
+        return self.check_labels(y, num_samples)
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, temperature: float = 1.0, y: Tensor | None = None,
+               **options: Any) -> Tensor:
+        """Draw images (num_samples, C, H, W) in [0, 1] (level / (K - 1)), one value at a time.
+
+        Args:
+            temperature: the logits are divided by it (< 1: sharper, > 1: more diverse).
+            y: labels (num_samples,) for a conditional model; None draws them uniformly.
+        """
+        self.check_num_samples(num_samples)
+        y = self.sample_labels(num_samples, y)
+        levels = torch.zeros(num_samples, *self.data_shape, dtype=torch.long, device=self.device)
+        given = torch.zeros_like(levels, dtype=torch.bool)
+        return self.levels_to_images(self.sample_levels(levels, given, y, temperature, **options))
+
+    def given_mask(self, x: Tensor, num_given_rows: int | None, mask: Tensor | None) -> Tensor:
+        """The bool mask (B, C, H, W) of given values, from a row count or a mask."""
+        C, H, W = self.data_shape
+        if num_given_rows is not None and mask is not None:
+            raise ValueError("pass num_given_rows or mask, not both")
+        if mask is None:
+            num_given_rows = H // 2 if num_given_rows is None else num_given_rows
+            if not isinstance(num_given_rows, int) or not 0 <= num_given_rows <= H:
+                raise ValueError(f"num_given_rows must be an int in 0..{H}, got {num_given_rows!r}")
+            given = torch.zeros(len(x), C, H, W, dtype=torch.bool, device=x.device)
+            given[:, :, :num_given_rows] = True
+            return given
+        mask = torch.as_tensor(mask, device=x.device)
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor (True = given), got {mask.dtype}")
+        try:
+            return mask.expand(len(x), C, H, W)
+        except RuntimeError:
+            raise ValueError(f"mask must broadcast to (B, C, H, W) = {(len(x), C, H, W)}, "
+                             f"got {tuple(mask.shape)}") from None
+
+    @torch.no_grad()
+    def complete(self, x: Tensor, num_given_rows: int | None = None, mask: Tensor | None = None,
+                 temperature: float = 1.0, y: Tensor | None = None, **options: Any) -> Tensor:
+        """Keep the given values of x and sample the others from p(x_t | x_<t) in raster order.
+
+        Args:
+            x: images (B, C, H, W) in [0, 1] as the data module yields them (quantized here).
+            num_given_rows: the top rows are given (default: the top half), the rest sampled.
+            mask: instead of rows, a bool tensor broadcastable to (B, C, H, W), True where given.
+                Values after a missing one are drawn given the sampled values before them, so
+                each completion is a sample of p(missing | given values before it in the order).
+            temperature: see ``sample``.
+            y: labels for a conditional model (required there).
+        Returns the completed images (B, C, H, W) in [0, 1], given values quantized.
+        """
+        self.check_data(x)
+        given = self.given_mask(x, num_given_rows, mask)
+        y = self.check_labels(y, len(x))
+        levels = self.quantize(x.to(self.device))
+        return self.levels_to_images(self.sample_levels(levels, given.to(self.device), y,
+                                                        temperature, **options))
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        y = y if self.num_classes is not None else None
+        if self.predict_mode == "complete":
+            return self.complete(x, num_given_rows=self.predict_given_rows,
+                                 temperature=self.predict_temperature, y=y)
+        return self.sample(len(x), temperature=self.predict_temperature, y=y)
+
+
+class PixelCNN(AutoregressiveModule):
+    """PixelCNN over K-level images: masked convolutions, optionally gated stacks.
+
+    Args:
+        data_shape: (C, H, W) (linked from the data module).
+        num_levels: K (2: dynamically binarized; 256: 8-bit).
+        gated: gated blocks with vertical and horizontal stacks (van den Oord et al. 2016b, no blind
+            spot); False: residual blocks of masked convolutions (van den Oord et al. 2016a).
+        hidden_channels: h, channels of the blocks (a multiple of C).
+        num_layers: number of blocks.
+        kernel_size: kernel of the blocks (odd).
+        first_kernel_size: kernel of the first (type A) layer (odd).
+        head_channels: channels of the 1x1 output layers.
+        num_classes: class conditioning (a learned bias per layer), None for none.
+        predict_mode, predict_given_rows, predict_temperature: see AutoregressiveModule.
+        learning_rate, weight_decay, lr_schedule, warmup_steps: see GenerativeModule.
+
+    Sampling runs the network once per value, each time on the rows up to the current one only
+    (the logits of row i do not depend on the rows below, masks and zero padding included).
+    """
+
+    def __init__(
+        self,
+        data_shape: Sequence[int] = (1, 28, 28),
+        num_levels: int = 2,
+        gated: bool = True,
+        hidden_channels: int = 64,
+        num_layers: int = 7,
+        kernel_size: int = 3,
+        first_kernel_size: int = 7,
+        head_channels: int = 256,
+        num_classes: int | None = None,
+        predict_mode: str = "sample",
+        predict_given_rows: int | None = None,
+        predict_temperature: float = 1.0,
+        learning_rate: float = 1e-3,
+        weight_decay: float = 0.0,
+        lr_schedule: str = "constant",
+        warmup_steps: int = 0,
+    ) -> None:
+        super().__init__(data_shape, num_levels, num_classes, predict_mode, predict_given_rows,
+                         predict_temperature, learning_rate, weight_decay, lr_schedule, warmup_steps)
+        self.save_hyperparameters(ignore=PREDICT_OPTIONS)
+        channels = self.data_shape[0]
+        for name, value in [("hidden_channels", hidden_channels), ("num_layers", num_layers),
+                            ("head_channels", head_channels)]:
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if hidden_channels % channels:
+            raise ValueError(f"hidden_channels must be a multiple of the image channels ({channels}) "
+                             f"so each channel has its group of features, got {hidden_channels}")
+        for name, value in [("kernel_size", kernel_size), ("first_kernel_size", first_kernel_size)]:
+            if value < 1 or value % 2 == 0:
+                raise ValueError(f"{name} must be a positive odd int, got {value}")
+        self.network = PixelCNNNet(channels, num_levels, hidden_channels, num_layers, kernel_size,
+                                   first_kernel_size, head_channels, gated, num_classes)
+
+    def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        return self.network(2 * x - 1, y)  # (B, K, C, H, W); the network reads [-1, 1]
+
+    def next_logits(self, images: Tensor, position: int, y: Tensor | None, state: Any) -> Tensor:
+        C, H, W = self.data_shape
+        row, column, channel = position // (W * C), (position // C) % W, position % C
+        logits = self(images[:, :, : row + 1], y)  # (B, K, C, row + 1, W)
+        return logits[:, :, channel, row, column]
+
+
+class PixelTransformer(AutoregressiveModule):
+    """Decoder-only causal transformer over the C*H*W values of an image, sampled with a
+    key/value cache.
+
+    Args:
+        data_shape: (C, H, W) (linked from the data module).
+        num_levels: K (2: dynamically binarized; 256: 8-bit).
+        model_dim: width of the residual stream (a multiple of num_heads).
+        num_layers: transformer blocks.
+        num_heads: attention heads.
+        dropout: dropout on embeddings, attention and MLP outputs (training only).
+        num_classes: class conditioning (a learned embedding added at every position), None for none.
+        predict_mode, predict_given_rows, predict_temperature: see AutoregressiveModule.
+        learning_rate, weight_decay, lr_schedule, warmup_steps: see GenerativeModule.
+
+    ``sample(n, use_cache=True)``: with the cache each new value costs one token step through
+    the blocks (attention over the cached keys/values); ``use_cache=False`` recomputes the whole
+    prefix at every step (the reference the cache must match, and the speed baseline).
+    """
+
+    def __init__(
+        self,
+        data_shape: Sequence[int] = (1, 28, 28),
+        num_levels: int = 2,
+        model_dim: int = 256,
+        num_layers: int = 4,
+        num_heads: int = 4,
+        dropout: float = 0.0,
+        num_classes: int | None = None,
+        predict_mode: str = "sample",
+        predict_given_rows: int | None = None,
+        predict_temperature: float = 1.0,
+        learning_rate: float = 3e-4,
+        weight_decay: float = 0.0,
+        lr_schedule: str = "constant",
+        warmup_steps: int = 0,
+    ) -> None:
+        super().__init__(data_shape, num_levels, num_classes, predict_mode, predict_given_rows,
+                         predict_temperature, learning_rate, weight_decay, lr_schedule, warmup_steps)
+        self.save_hyperparameters(ignore=PREDICT_OPTIONS)
+        for name, value in [("model_dim", model_dim), ("num_layers", num_layers),
+                            ("num_heads", num_heads)]:
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if model_dim % num_heads:
+            raise ValueError(f"model_dim ({model_dim}) must be a multiple of num_heads ({num_heads})")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.network = PixelTransformerNet(math.prod(self.data_shape), num_levels, model_dim,
+                                           num_layers, num_heads, dropout, num_classes)
+
+    @staticmethod
+    def to_sequence(x: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, H * W * C) in raster order, channels of a pixel adjacent."""
+        return x.permute(0, 2, 3, 1).flatten(1)
+
+    def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        B, C, H, W = x.shape
+        logits = self.network(self.to_sequence(x), y)  # (B, T, K)
+        return logits.view(B, H, W, C, self.num_levels).permute(0, 4, 3, 1, 2)  # (B, K, C, H, W)
+
+    def start_sampling(self, batch_size: int, use_cache: bool = True) -> Any:
+        return self.network.new_cache() if use_cache else None
+
+    def next_logits(self, images: Tensor, position: int, y: Tensor | None, state: Any) -> Tensor:
+        # With a cache, the positions not yet cached (one, or a given prefix at once) go through
+        # the blocks; without, the whole prefix does.
+        prefix = self.to_sequence(images)[:, : position + 1]  # (B, position + 1)
+        return self.network(prefix, y, cache=state)[:, -1]  # (B, K)

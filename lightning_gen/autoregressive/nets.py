@@ -1,0 +1,408 @@
+"""Networks of the autoregressive family: masked convolutions, PixelCNN (plain and gated) and a
+decoder-only transformer over the pixel sequence with a key/value cache.
+
+Plain ``nn.Module``s (no Lightning). Read bottom-up: masks, masked convolution, the PixelCNN
+blocks and networks, then attention, the key/value cache, the transformer block and network.
+
+Order: an image (C, H, W) is the sequence of its C*H*W values in raster order, rows top to
+bottom, pixels left to right, and the C channels of a pixel one after another (R before G before
+B). Every network here returns, at each position, logits that depend only on earlier positions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+MASK_TYPES = ("A", "B", "vertical_A", "vertical_B")
+
+
+# ------------------------------------------------------------------------------------------ masks
+def channel_groups(num_channels: int, data_channels: int) -> Tensor:
+    """The data channel each feature channel belongs to: channel j serves data channel j % C.
+
+    With C = 1 every channel is in group 0. With C > 1 (RGB) a feature of group c may use the
+    current pixel's data channels < c only (van den Oord et al. 2016a, section 3.4). Interleaving
+    (j % C rather than contiguous blocks) keeps the groups of the two halves of a gated layer's
+    2h channels aligned when h is a multiple of C.
+    """
+    return torch.arange(num_channels) % data_channels
+
+
+def causal_conv_mask(
+    out_channels: int,
+    in_channels: int,
+    kernel_size: tuple[int, int],
+    mask_type: str,
+    data_channels: int = 1,
+) -> Tensor:
+    """The 0/1 mask (out_channels, in_channels, kH, kW) of a masked convolution.
+
+    ``"A"`` / ``"B"`` (van den Oord et al. 2016a, fig. 2): the rows above the centre and the
+    pixels left of the centre. At the centre itself, type A lets an output of channel group c see
+    input groups < c, type B groups <= c; for one data channel, A hides the centre and B shows it.
+    The first layer is type A (a pixel must not see itself), every later layer type B.
+    A 1 x k kernel of these types is the horizontal stack of the gated PixelCNN.
+
+        type A (5 x 5)         type B (5 x 5)         type B (1 x 3)
+        1 1 1 1 1              1 1 1 1 1              1 1 0
+        1 1 1 1 1              1 1 1 1 1
+        1 1 0 0 0              1 1 1 0 0
+        0 0 0 0 0              0 0 0 0 0
+        0 0 0 0 0              0 0 0 0 0
+
+    ``"vertical_A"`` / ``"vertical_B"``: the vertical stack of the gated PixelCNN (van den Oord et
+    al. 2016b, fig. 1), which sees whole rows above, so the receptive field has no blind spot.
+    Its features at (i, j) must depend on rows < i only: the first layer reads the image through
+    the rows strictly above the centre (vertical_A); later layers read earlier vertical features,
+    which already lie strictly above, so they may include the centre row (vertical_B).
+
+        vertical_A (5 x 5)     vertical_B (5 x 5)
+        1 1 1 1 1              1 1 1 1 1
+        1 1 1 1 1              1 1 1 1 1
+        0 0 0 0 0              1 1 1 1 1
+        0 0 0 0 0              0 0 0 0 0
+        0 0 0 0 0              0 0 0 0 0
+    """
+    if mask_type not in MASK_TYPES:
+        raise ValueError(f"mask_type must be one of {MASK_TYPES}, got {mask_type!r}")
+    kernel_height, kernel_width = kernel_size
+    if kernel_height % 2 == 0 or kernel_width % 2 == 0:
+        raise ValueError(f"kernel sizes must be odd (a centre pixel), got {kernel_size}")
+    center_row, center_column = kernel_height // 2, kernel_width // 2
+    mask = torch.zeros(out_channels, in_channels, kernel_height, kernel_width)
+    if mask_type.startswith("vertical"):
+        mask[:, :, : center_row + (mask_type == "vertical_B")] = 1
+        return mask
+    mask[:, :, :center_row] = 1
+    mask[:, :, center_row, :center_column] = 1
+    out_groups = channel_groups(out_channels, data_channels)[:, None]  # (out, 1)
+    in_groups = channel_groups(in_channels, data_channels)[None, :]  # (1, in)
+    center = in_groups < out_groups if mask_type == "A" else in_groups <= out_groups
+    mask[:, :, center_row, center_column] = center.float()
+    return mask
+
+
+class MaskedConv2d(nn.Conv2d):
+    """A 2-D convolution whose kernel is multiplied by a fixed causal mask (``causal_conv_mask``).
+
+    'Same' zero padding, stride 1, so outputs line up with inputs pixel by pixel.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        mask_type: str,
+        data_channels: int = 1,
+    ) -> None:
+        if isinstance(kernel_size, int):
+            kernel_size = (kernel_size, kernel_size)
+        super().__init__(in_channels, out_channels, kernel_size,
+                         padding=(kernel_size[0] // 2, kernel_size[1] // 2))
+        self.mask_type = mask_type
+        self.register_buffer(
+            "mask", causal_conv_mask(out_channels, in_channels, kernel_size, mask_type, data_channels),
+            persistent=False,
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self.weight * self.mask, self.bias, padding=self.padding)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, mask_type={self.mask_type!r}"
+
+
+# ------------------------------------------------------------------------------------ PixelCNN
+class ResidualMaskedBlock(nn.Module):
+    """PixelCNN residual block (van den Oord et al. 2016a, fig. 5):
+    ReLU, 1x1 (2h -> h), ReLU, k x k type B (h -> h), ReLU, 1x1 (h -> 2h), plus the input.
+    """
+
+    def __init__(self, channels: int, kernel_size: int, data_channels: int) -> None:
+        super().__init__()
+        self.reduce = MaskedConv2d(2 * channels, channels, 1, "B", data_channels)
+        self.conv = MaskedConv2d(channels, channels, kernel_size, "B", data_channels)
+        self.expand = MaskedConv2d(channels, 2 * channels, 1, "B", data_channels)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (B, 2h, H, W)
+        out = self.reduce(F.relu(x))
+        out = self.conv(F.relu(out))
+        return x + self.expand(F.relu(out))
+
+
+def gate(x: Tensor) -> Tensor:
+    """tanh(a) * sigmoid(b) over the two channel halves (van den Oord et al. 2016b, eq. 2)."""
+    a, b = x.chunk(2, dim=1)
+    return torch.tanh(a) * torch.sigmoid(b)
+
+
+class GatedBlock(nn.Module):
+    """Gated PixelCNN layer with a vertical and a horizontal stack (van den Oord et al. 2016b,
+    fig. 2 and eq. 4):
+
+        v' = W_v * v                       (k x k, vertical mask: rows above only)
+        h' = W_h * h + W_vh v'             (1 x k, raster mask; 1x1 link from the vertical stack)
+        v_out = gate(v' + V_v^T y)
+        h_out = h + W_o gate(h' + V_h^T y)   (1x1; residual except in the first layer)
+
+    The vertical features at (i, j) depend on rows < i only, so the link into the horizontal
+    stack at the same position is causal, and together the stacks cover every earlier pixel.
+    """
+
+    def __init__(self, in_channels: int, channels: int, kernel_size: int, data_channels: int,
+                 first: bool) -> None:
+        super().__init__()
+        self.first = first
+        self.vertical = MaskedConv2d(in_channels, 2 * channels, kernel_size,
+                                     "vertical_A" if first else "vertical_B", data_channels)
+        self.horizontal = MaskedConv2d(in_channels, 2 * channels, (1, kernel_size),
+                                       "A" if first else "B", data_channels)
+        self.vertical_to_horizontal = nn.Conv2d(2 * channels, 2 * channels, 1)
+        self.horizontal_out = MaskedConv2d(channels, channels, 1, "B", data_channels)
+
+    def forward(self, v: Tensor, h: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        # v, h: (B, C_in, H, W); condition: (B, 4h, 1, 1) class biases or None
+        v_pre = self.vertical(v)  # (B, 2h, H, W)
+        h_pre = self.horizontal(h) + self.vertical_to_horizontal(v_pre)  # (B, 2h, H, W)
+        if condition is not None:
+            v_bias, h_bias = condition.chunk(2, dim=1)
+            v_pre, h_pre = v_pre + v_bias, h_pre + h_bias
+        v_out = gate(v_pre)  # (B, h, H, W)
+        h_out = self.horizontal_out(gate(h_pre))  # (B, h, H, W)
+        return v_out, h_out if self.first else h + h_out
+
+
+class PixelCNNNet(nn.Module):
+    """PixelCNN: x (B, C, H, W) scaled to [-1, 1] -> logits (B, K, C, H, W).
+
+    ``gated=False``: a k0 x k0 type A convolution, residual blocks of masked convolutions
+    (van den Oord et al. 2016a), which leave a blind spot above-right of each pixel.
+    ``gated=True``: gated blocks with vertical and horizontal stacks (van den Oord et al. 2016b),
+    the first with kernel k0, no blind spot. Both end in ReLU, 1x1, ReLU, 1x1 to K logits per
+    data channel. ``num_classes`` adds a learned per-layer bias for the label (2016b, eq. 4).
+    """
+
+    def __init__(
+        self,
+        data_channels: int,
+        num_levels: int,
+        hidden_channels: int = 64,
+        num_layers: int = 7,
+        kernel_size: int = 3,
+        first_kernel_size: int = 7,
+        head_channels: int = 256,
+        gated: bool = True,
+        num_classes: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.data_channels = data_channels
+        self.num_levels = num_levels
+        self.gated = gated
+        C, h = data_channels, hidden_channels
+        if gated:
+            self.blocks = nn.ModuleList(
+                GatedBlock(C if index == 0 else h, h, first_kernel_size if index == 0 else kernel_size,
+                           C, first=index == 0)
+                for index in range(num_layers)
+            )
+            features, condition_channels = h, 4 * h
+        else:
+            self.input_conv = MaskedConv2d(C, 2 * h, first_kernel_size, "A", C)
+            self.blocks = nn.ModuleList(ResidualMaskedBlock(h, kernel_size, C) for _ in range(num_layers))
+            features, condition_channels = 2 * h, 2 * h
+        self.class_embedding = (nn.Embedding(num_classes, num_layers * condition_channels)
+                                if num_classes else None)
+        self.head = nn.Sequential(
+            nn.ReLU(), MaskedConv2d(features, head_channels, 1, "B", C),
+            nn.ReLU(), MaskedConv2d(head_channels, num_levels * C, 1, "B", C),
+        )
+
+    def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        # x: (B, C, H, W) in [-1, 1]; y: (B,) labels or None
+        conditions: list[Tensor | None] = [None] * len(self.blocks)
+        if self.class_embedding is not None:
+            if y is None:
+                raise ValueError("this PixelCNN is class-conditional: pass labels y")
+            conditions = list(self.class_embedding(y)[:, :, None, None].chunk(len(self.blocks), dim=1))
+        if self.gated:
+            v = h = x
+            for block, condition in zip(self.blocks, conditions):
+                v, h = block(v, h, condition)
+            features = h  # (B, h, H, W)
+        else:
+            features = self.input_conv(x)  # (B, 2h, H, W)
+            for block, condition in zip(self.blocks, conditions):
+                features = block(features if condition is None else features + condition)
+        logits = self.head(features)  # (B, K * C, H, W), channel k * C + c
+        B, _, H, W = logits.shape
+        return logits.view(B, self.num_levels, self.data_channels, H, W)
+
+
+# --------------------------------------------------------------------------------- transformer
+class KeyValueCache:
+    """Keys and values of every layer for the positions processed so far (one sampling run).
+
+    Buffers (B, heads, max_length, head_dim) per layer are allocated on first use (so they take
+    the dtype autocast gives the keys), then filled in place: a step of n new tokens costs
+    O(n * length) attention, not a pass over the whole sequence.
+    """
+
+    def __init__(self, num_layers: int, max_length: int) -> None:
+        self.max_length = max_length
+        self.keys: list[Tensor | None] = [None] * num_layers
+        self.values: list[Tensor | None] = [None] * num_layers
+        self.length = 0  # positions cached in every layer
+
+    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store the new keys/values (B, heads, n, head_dim) of a layer; return all so far."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_length:
+            raise ValueError(f"the cache holds {self.max_length} positions, asked for {end}")
+        if self.keys[layer] is None:
+            shape = (k.shape[0], k.shape[1], self.max_length, k.shape[3])
+            self.keys[layer] = k.new_zeros(shape)
+            self.values[layer] = v.new_zeros(shape)
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention where position t attends to positions <= t (Vaswani et al.
+    2017), through ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU)."""
+
+    def __init__(self, model_dim: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(model_dim, 3 * model_dim)
+        self.out = nn.Linear(model_dim, model_dim)
+        self.dropout = dropout
+
+    def forward(self, x: Tensor, cache: KeyValueCache | None = None, layer: int = 0) -> Tensor:
+        B, n, D = x.shape  # n new positions
+        q, k, v = self.qkv(x).split(D, dim=2)  # (B, n, D) each
+        q, k, v = (t.view(B, n, self.num_heads, D // self.num_heads).transpose(1, 2) for t in (q, k, v))
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.append(layer, k, v)  # (B, heads, past + n, head_dim)
+        dropout = self.dropout if self.training else 0.0
+        if past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        elif n == 1:  # one new token sees every cached position
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        else:  # new token i sits at position past + i and sees positions <= past + i
+            allowed = (torch.arange(past + n, device=x.device)[None, :]
+                       <= past + torch.arange(n, device=x.device)[:, None])  # (n, past + n)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
+        y = y.transpose(1, 2).reshape(B, n, D)  # (B, n, D)
+        return self.out(y)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block (as GPT-2): x + attn(LN(x)), then x + MLP(LN(x)) with a 4x GELU MLP."""
+
+    def __init__(self, model_dim: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.attention_norm = nn.LayerNorm(model_dim)
+        self.attention = CausalSelfAttention(model_dim, num_heads, dropout)
+        self.mlp_norm = nn.LayerNorm(model_dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(model_dim, 4 * model_dim), nn.GELU(), nn.Linear(4 * model_dim, model_dim),
+            nn.Dropout(dropout),
+        )
+
+    def forward(self, x: Tensor, cache: KeyValueCache | None = None, layer: int = 0) -> Tensor:
+        x = x + self.attention(self.attention_norm(x), cache, layer)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class PixelTransformerNet(nn.Module):
+    """Decoder-only transformer over a sequence of T values with K levels (as ImageGPT,
+    Chen et al. 2020, without the colour clustering).
+
+    Input position 0 holds a learned start token and position t >= 1 the value x_{t-1}, so the
+    output at position t gives the logits of x_t from x_<t. Each value x in [0, 1] (level / (K-1))
+    is embedded by interpolating linearly between the embeddings of the two nearest levels: on the
+    K-level grid that is the plain table lookup, and it keeps the logits differentiable in x, which
+    lets a test check causality by gradient. Learned position embeddings; a class embedding (when
+    ``num_classes``) is added at every position.
+    """
+
+    def __init__(
+        self,
+        sequence_length: int,
+        num_levels: int,
+        model_dim: int = 256,
+        num_layers: int = 4,
+        num_heads: int = 4,
+        dropout: float = 0.0,
+        num_classes: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.sequence_length = sequence_length
+        self.num_levels = num_levels
+        self.level_embedding = nn.Parameter(torch.randn(num_levels, model_dim) * 0.02)
+        self.start_token = nn.Parameter(torch.randn(model_dim) * 0.02)
+        self.position_embedding = nn.Parameter(torch.randn(sequence_length, model_dim) * 0.02)
+        self.class_embedding = nn.Embedding(num_classes, model_dim) if num_classes else None
+        self.dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(TransformerBlock(model_dim, num_heads, dropout)
+                                    for _ in range(num_layers))
+        self.final_norm = nn.LayerNorm(model_dim)
+        self.head = nn.Linear(model_dim, num_levels)
+        self.apply(self._init_weights)
+        for name, parameter in self.named_parameters():
+            # GPT-2: scale the residual projections by 1/sqrt(2 * layers)
+            if name.endswith("attention.out.weight") or name.endswith("mlp.2.weight"):
+                nn.init.normal_(parameter, std=0.02 / math.sqrt(2 * num_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def embed_values(self, x: Tensor) -> Tensor:
+        """Values (B, n) in [0, 1] -> (B, n, D), linear between the two nearest level embeddings."""
+        u = x.float() * (self.num_levels - 1)
+        lower = u.detach().floor().clamp(0, self.num_levels - 2)  # (B, n)
+        fraction = (u - lower).unsqueeze(-1)  # (B, n, 1), in [0, 1] on [0, 1] inputs
+        lower = lower.long()
+        return (1 - fraction) * self.level_embedding[lower] + fraction * self.level_embedding[lower + 1]
+
+    def forward(self, x: Tensor, y: Tensor | None = None, cache: KeyValueCache | None = None) -> Tensor:
+        """Logits (B, n - start, K) of x_start .. x_{n-1}, where x (B, n) holds the first n values
+        of the sequence (x_{n-1} itself is not read) and start = the cached length (0 without
+        a cache)."""
+        B, n = x.shape
+        if n > self.sequence_length:
+            raise ValueError(f"sequence of {n} values is longer than {self.sequence_length}")
+        start = cache.length if cache is not None else 0
+        if not 0 <= start < n:
+            raise ValueError(f"nothing new to process: {start} positions cached, sequence of {n}")
+        # inputs at positions start .. n-1: the start token at 0, x_{t-1} at t >= 1
+        tokens = self.embed_values(x[:, max(start - 1, 0): n - 1])  # (B, n - max(start, 1), D)
+        if start == 0:
+            tokens = torch.cat([self.start_token.expand(B, 1, -1), tokens], dim=1)  # (B, n, D)
+        h = tokens + self.position_embedding[start:n]  # (B, n - start, D)
+        if self.class_embedding is not None:
+            if y is None:
+                raise ValueError("this PixelTransformer is class-conditional: pass labels y")
+            h = h + self.class_embedding(y)[:, None, :]
+        h = self.dropout(h)
+        for layer, block in enumerate(self.blocks):
+            h = block(h, cache, layer)
+        if cache is not None:
+            cache.length = n
+        return self.head(self.final_norm(h))  # (B, n - start, K)
+
+    def new_cache(self) -> KeyValueCache:
+        return KeyValueCache(len(self.blocks), self.sequence_length)

@@ -1,0 +1,349 @@
+"""Autoregressive family: masks, causality by gradient, exact likelihood, cached sampling,
+completion, and fit -> checkpoint -> predict through the CLI."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_gen import PixelCNN, PixelTransformer
+from lightning_gen.autoregressive.nets import causal_conv_mask
+from cli_helpers import fit_and_predict
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The sampling loops run hundreds of tiny network calls in sequence; on a busy machine each
+    multi-threaded call waits for descheduled OpenMP threads (100x slower), so use one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_pixelcnn(shape, gated=True, **options):
+    settings = dict(hidden_channels=6 if shape[0] == 3 else 8, num_layers=3, head_channels=16,
+                    gated=gated)
+    settings.update(options)
+    return PixelCNN(shape, **settings)
+
+
+def tiny_transformer(shape, **options):
+    settings = dict(model_dim=16, num_layers=2, num_heads=2)
+    settings.update(options)
+    return PixelTransformer(shape, **settings)
+
+
+BUILDERS = {
+    "pixelcnn_gated": lambda shape, **o: tiny_pixelcnn(shape, gated=True, **o),
+    "pixelcnn_plain": lambda shape, **o: tiny_pixelcnn(shape, gated=False, **o),
+    "pixeltransformer": tiny_transformer,
+}
+
+
+def raster_jacobian(model, shape, seed=0):
+    """J[i, j] = d (a random projection of the K logits of value i) / d (input value j), values
+    in raster order (rows, pixels, channels), at a random input in [0, 1].
+
+    One backward pass: the input is repeated once per value i (examples do not interact), and
+    copy i back-propagates the logits of value i only.
+    """
+    C, H, W = shape
+    T = C * H * W
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.rand(1, *shape, generator=generator).expand(T, *shape).clone().requires_grad_(True)
+    logits = model(x)  # (T, K, C, H, W)
+    assert logits.shape == (T, model.num_levels, *shape)
+    per_value = logits.permute(0, 3, 4, 2, 1).reshape(T, T, -1)  # (copy, value, K)
+    projection = torch.randn(per_value.shape[-1], generator=generator)
+    (per_value.diagonal(dim1=0, dim2=1).T @ projection).sum().backward()  # copy i, value i
+    return x.grad.permute(0, 2, 3, 1).reshape(T, T)  # (value i, input value j)
+
+
+# ------------------------------------------------------------------------------------- masks
+def test_masks_match_the_drawings():
+    type_a = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [0, 0, 0, 0, 0],
+                           [0, 0, 0, 0, 0]]).float()
+    type_b = type_a.clone()
+    type_b[2, 2] = 1
+    vertical_a = torch.zeros(5, 5)
+    vertical_a[:2] = 1
+    vertical_b = vertical_a.clone()
+    vertical_b[2] = 1
+    for mask_type, expected in [("A", type_a), ("B", type_b), ("vertical_A", vertical_a),
+                                ("vertical_B", vertical_b)]:
+        mask = causal_conv_mask(4, 3, (5, 5), mask_type)
+        assert torch.equal(mask, expected.expand(4, 3, 5, 5)), mask_type
+    assert torch.equal(causal_conv_mask(1, 1, (1, 3), "B")[0, 0], torch.tensor([[1.0, 1.0, 0.0]]))
+    # RGB: at the centre, output group c sees input channels < c (A) or <= c (B)
+    center_a = causal_conv_mask(3, 3, (3, 3), "A", data_channels=3)[:, :, 1, 1]
+    center_b = causal_conv_mask(3, 3, (3, 3), "B", data_channels=3)[:, :, 1, 1]
+    assert torch.equal(center_a, torch.tril(torch.ones(3, 3), diagonal=-1))
+    assert torch.equal(center_b, torch.tril(torch.ones(3, 3)))
+    with pytest.raises(ValueError, match="mask_type"):
+        causal_conv_mask(1, 1, (3, 3), "C")
+
+
+# --------------------------------------------------------------------------------- causality
+@pytest.mark.parametrize("shape", [(1, 6, 6), (3, 3, 3)], ids=["gray", "rgb"])
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_causal_by_gradient(name, shape):
+    torch.manual_seed(0)
+    model = BUILDERS[name](shape)
+    jacobian = raster_jacobian(model, shape)
+    T = jacobian.shape[0]
+    # the logits of value i do not depend on value j >= i (itself included; value 0 on nothing)
+    assert torch.all(jacobian.triu() == 0), "logits depend on the current or a later value"
+    assert torch.all(jacobian[0] == 0)
+    # ... and do depend on earlier values, so the check above could fail
+    below = jacobian.tril(-1) != 0
+    assert below.sum() > 0.5 * T * (T - 1) / 2
+    assert below[1:].any(1).all(), "some value ignores every value before it"
+
+
+def test_gated_pixelcnn_has_no_blind_spot_and_plain_one_has():
+    shape = (1, 6, 6)
+    torch.manual_seed(0)
+    options = dict(num_layers=5, kernel_size=3, first_kernel_size=3)
+    gated = raster_jacobian(tiny_pixelcnn(shape, gated=True, **options), shape)
+    plain = raster_jacobian(tiny_pixelcnn(shape, gated=False, **options), shape)
+    T = gated.shape[0]
+    earlier = torch.ones(T, T, dtype=torch.bool).tril(-1)  # (i, j): j before i
+    # with 5 layers of 3x3 every earlier pixel is in the receptive field of every pixel
+    assert torch.all(gated[earlier] != 0) and torch.all(gated[~earlier] == 0)
+    # the plain stack misses the pixels above-right of (3, 2) (van den Oord et al. 2016b, fig. 1)
+    seen_by_3_2 = (plain[3 * 6 + 2] != 0).view(6, 6)
+    for row, column in [(1, 5), (2, 4), (2, 5)]:
+        assert not seen_by_3_2[row, column]
+    assert seen_by_3_2[2, 3] and seen_by_3_2[3, 1] and seen_by_3_2[0, 5]
+    assert torch.all(plain[~earlier] == 0)
+    assert (plain[earlier] == 0).sum() > T  # more than one blind value per position on average
+
+
+# -------------------------------------------------------------------------------- likelihood
+@pytest.mark.parametrize("num_levels", [2, 256])
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_log_prob_is_minus_summed_cross_entropy(name, num_levels):
+    torch.manual_seed(0)
+    model = BUILDERS[name]((1, 5, 5), num_levels=num_levels).eval()
+    levels = torch.randint(num_levels, (4, 1, 5, 5))
+    x = levels.float() / (num_levels - 1)  # already on the grid: quantize keeps it
+    logits = model(x)
+    assert logits.shape == (4, num_levels, 1, 5, 5)
+    log_probabilities = torch.log_softmax(logits, dim=1)  # over the K levels
+    expected = log_probabilities.gather(1, levels[:, None]).flatten(1).sum(1)  # (B,)
+    torch.testing.assert_close(model.log_prob(x), expected)
+    per_value = F.cross_entropy(logits, levels, reduction="none")  # (B, C, H, W)
+    torch.testing.assert_close(model.log_prob(x), -per_value.flatten(1).sum(1))
+
+
+@pytest.mark.parametrize("num_levels", [2, 3])
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_probabilities_of_all_images_sum_to_one(name, num_levels):
+    torch.manual_seed(0)
+    model = BUILDERS[name]((1, 2, 2), num_levels=num_levels).eval()
+    every_image = torch.tensor(list(itertools.product(range(num_levels), repeat=4))).view(-1, 1, 2, 2)
+    log_prob = model.log_prob(every_image.float() / (num_levels - 1))
+    torch.testing.assert_close(torch.logsumexp(log_prob, 0), torch.tensor(0.0), atol=1e-5, rtol=0)
+
+
+def sharpen(model, every_image):
+    """Scale the output layer until the tiny model's distribution is far from uniform (the most
+    likely image has probability > 0.25) but not a point mass."""
+    head = model.network.head[-1] if isinstance(model, PixelCNN) else model.network.head
+    with torch.no_grad():
+        for _ in range(40):
+            if model.log_prob(every_image).exp().max() > 0.25:
+                break
+            head.weight.mul_(1.25)
+            head.bias.mul_(1.25)
+    return model
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_samples_follow_the_model_distribution(name):
+    torch.manual_seed(0)
+    every_image = torch.tensor(list(itertools.product(range(2), repeat=4))).view(-1, 1, 2, 2).float()
+    model = sharpen(BUILDERS[name]((1, 2, 2)).eval(), every_image)
+    probabilities = model.log_prob(every_image).exp()  # (16,)
+    torch.manual_seed(1)
+    samples = model.sample(3000)
+    index = (samples.flatten(1).long() * torch.tensor([8, 4, 2, 1])).sum(1)
+    frequencies = torch.bincount(index, minlength=16).float() / len(samples)
+    assert 0.25 < probabilities.max() < 0.7  # not uniform, so a wrong order would show
+    assert 0.5 * (frequencies - probabilities).abs().sum() < 0.05  # total variation
+
+
+# ---------------------------------------------------------------------------------- sampling
+@pytest.mark.parametrize("num_levels", [2, 256])
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_sample_shapes_and_values(name, num_levels):
+    torch.manual_seed(0)
+    model = BUILDERS[name]((1, 4, 4), num_levels=num_levels).eval()
+    samples = model.sample(6, temperature=0.8)
+    assert samples.shape == (6, 1, 4, 4) and samples.dtype == torch.float32
+    assert samples.min() >= 0 and samples.max() <= 1
+    levels = samples * (num_levels - 1)
+    torch.testing.assert_close(levels, levels.round(), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="temperature"):
+        model.sample(2, temperature=0.0)
+    with pytest.raises(ValueError, match="num_samples"):
+        model.sample(0)
+
+
+def test_cached_transformer_sampling_equals_uncached():
+    torch.manual_seed(0)
+    model = tiny_transformer((1, 6, 6), num_levels=4, num_classes=3).eval()
+    y = torch.tensor([0, 1, 2, 1, 0])
+    torch.manual_seed(5)
+    cached = model.sample(5, y=y, use_cache=True)
+    torch.manual_seed(5)
+    uncached = model.sample(5, y=y, use_cache=False)
+    assert torch.equal(cached, uncached)
+    assert cached.unique().numel() > 1
+    # completion: a given prefix goes through the cache in one chunk, later values one by one
+    x = torch.rand(5, 1, 6, 6)
+    mask = torch.zeros(1, 6, 6, dtype=torch.bool)
+    mask[:, :2] = True
+    mask[:, 4, 1:3] = True  # a given island after missing values
+    torch.manual_seed(6)
+    cached = model.complete(x, mask=mask, y=y, use_cache=True)
+    torch.manual_seed(6)
+    uncached = model.complete(x, mask=mask, y=y, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_cached_logits_equal_full_forward():
+    torch.manual_seed(0)
+    network = tiny_transformer((1, 4, 4), num_levels=3).network.eval()
+    x = torch.randint(3, (2, 16)).float() / 2  # (B, T)
+    full = network(x)  # (B, T, K)
+    cache = network.new_cache()
+    steps = [network(x[:, :5], cache=cache)]  # a 5-value prefix at once
+    steps += [network(x[:, : t + 1], cache=cache) for t in range(5, 16)]  # then one at a time
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="nothing new"):
+        network(x, cache=cache)
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_complete_keeps_given_values(name):
+    torch.manual_seed(0)
+    model = BUILDERS[name]((1, 6, 6), num_levels=256).eval()
+    x = torch.randint(256, (3, 1, 6, 6)).float() / 255
+    completed = model.complete(x, num_given_rows=3)
+    assert completed.shape == x.shape
+    assert torch.equal(completed[:, :, :3], x[:, :, :3])
+    assert not torch.equal(completed[:, :, 3:], x[:, :, 3:])
+    mask = torch.rand(3, 1, 6, 6) < 0.5
+    completed = model.complete(x, mask=mask)
+    assert torch.equal(completed[mask], x[mask])
+    assert not torch.equal(completed[~mask], x[~mask])
+    everything = model.complete(x, num_given_rows=6)
+    assert torch.equal(everything, x)
+    with pytest.raises(ValueError, match="not both"):
+        model.complete(x, num_given_rows=2, mask=mask)
+    with pytest.raises(TypeError, match="bool"):
+        model.complete(x, mask=mask.float())
+
+
+def test_binarization_is_dynamic_and_eight_bit_is_exact():
+    model = tiny_pixelcnn((1, 4, 4), num_levels=2)
+    x = torch.full((2000, 1, 4, 4), 0.3)
+    assert abs(model.quantize(x).float().mean().item() - 0.3) < 0.01
+    binary = (torch.rand(3, 1, 4, 4) < 0.5).float()
+    assert torch.equal(model.quantize(binary).float(), binary)
+    eight_bit = tiny_pixelcnn((1, 4, 4), num_levels=256)
+    levels = torch.randint(256, (3, 1, 4, 4))
+    assert torch.equal(eight_bit.quantize(levels.float() / 255), levels)
+
+
+# ------------------------------------------------------------------------------ conditioning
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_class_conditioning(name):
+    torch.manual_seed(0)
+    model = BUILDERS[name]((1, 4, 4), num_classes=3).eval()
+    x = (torch.rand(2, 1, 4, 4) < 0.5).float()
+    first = model.log_prob(x, y=torch.tensor([0, 0]))
+    second = model.log_prob(x, y=torch.tensor([2, 2]))
+    assert not torch.allclose(first, second)
+    with pytest.raises(ValueError, match="class-conditional"):
+        model.log_prob(x)
+    assert model.sample(2, y=torch.tensor([1, 2])).shape == (2, 1, 4, 4)
+    assert model.sample(3).shape == (3, 1, 4, 4)  # labels drawn uniformly
+    unconditional = BUILDERS[name]((1, 4, 4))
+    with pytest.raises(ValueError, match="num_classes"):
+        unconditional.log_prob(x, y=torch.tensor([0, 1]))
+
+
+# ---------------------------------------------------------------------------------- training
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_loss_falls_when_overfitting_a_batch(name):
+    torch.manual_seed(0)
+    model = BUILDERS[name]((1, 6, 6))
+    x = (torch.rand(8, 1, 6, 6) < 0.3).float()
+    batch = (x, torch.zeros(8, dtype=torch.long))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(40):
+        loss = model._shared_step(batch, "train")
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="num_levels"):
+        PixelCNN((1, 4, 4), num_levels=1)
+    with pytest.raises(ValueError, match="images"):
+        PixelTransformer((2,))
+    with pytest.raises(ValueError, match="multiple of the image channels"):
+        PixelCNN((3, 4, 4), hidden_channels=8)
+    with pytest.raises(ValueError, match="odd"):
+        PixelCNN((1, 4, 4), kernel_size=4)
+    with pytest.raises(ValueError, match="num_heads"):
+        PixelTransformer((1, 4, 4), model_dim=10, num_heads=4)
+    with pytest.raises(ValueError, match="predict_mode"):
+        PixelCNN((1, 4, 4), predict_mode="completion")
+    with pytest.raises(TypeError, match="use_cache"):
+        tiny_pixelcnn((1, 4, 4)).sample(1, use_cache=True)  # PixelCNN has no cache option
+    with pytest.raises(ValueError, match="shape"):
+        tiny_pixelcnn((1, 4, 4)).log_prob(torch.rand(2, 1, 5, 5))
+
+
+# ------------------------------------------------------------------------------------- CLI
+TINY_PIXELCNN = ["--model.init_args.hidden_channels", "4", "--model.init_args.num_layers", "1",
+                 "--model.init_args.head_channels", "4", "--data.init_args.batch_size", "8",
+                 "--data.init_args.num_predict_samples", "3", "--trainer.precision", "32-true",
+                 "--sample_logger.every_n_epochs", "0"]
+TINY_TRANSFORMER = ["--model.init_args.model_dim", "8", "--model.init_args.num_layers", "1",
+                    "--model.init_args.num_heads", "2", "--model.init_args.warmup_steps", "0",
+                    "--data.init_args.batch_size", "8", "--data.init_args.num_predict_samples", "3",
+                    "--trainer.precision", "32-true", "--sample_logger.every_n_epochs", "0"]
+
+
+def test_cli_pixelcnn_fit_then_predict_samples(run_dir, mnist_root):
+    output = fit_and_predict("pixelcnn_mnist.yaml", run_dir, *TINY_PIXELCNN)
+    samples = torch.load(output / "samples.pt")
+    assert samples.shape == (3, 1, 28, 28) and samples.dtype == torch.uint8
+    assert set(samples.unique().tolist()) <= {0, 255}  # binarized model: two levels
+    assert (output / "grid.png").is_file() and (output / "000002.png").is_file()
+
+
+def test_cli_pixeltransformer_8bit_fit_then_complete(run_dir, mnist_root):
+    output = fit_and_predict("pixeltransformer_mnist_8bit.yaml", run_dir, *TINY_TRANSFORMER,
+                             predict_extra=("--model.init_args.predict_mode", "complete",
+                                            "--model.init_args.predict_given_rows", "14"))
+    completed = torch.load(output / "samples.pt")  # (3, 1, 28, 28) uint8
+    from datamodules import MNISTDataModule
+
+    data = MNISTDataModule(data_dir=str(mnist_root), download=False)
+    data.setup("test")
+    test_images = data.test_set.images[:3, None]  # (3, 1, 28, 28) uint8
+    assert torch.equal(completed[:, :, :14], test_images[:, :, :14])  # the given top half, exactly
+    assert not torch.equal(completed[:, :, 14:], test_images[:, :, 14:])
