@@ -23,6 +23,7 @@ import torch
 
 from datamodules import MNISTDataModule, ToyDataModule
 from lightning_gen import VAE, Autoencoder
+from lightning_gen import Diffusion
 from lightning_gen.base import GenerativeModule
 
 
@@ -57,6 +58,18 @@ FAMILIES: dict[str, Family] = {
     "vae_toy": Family(
         lambda shape: VAE(shape, network="mlp", latent_dim=2, hidden_dims=(16,),
                           val_importance_samples=4), "8gaussians"),
+    "diffusion_unet": Family(
+        lambda shape: Diffusion(shape, num_timesteps=20, base_channels=4, channel_multipliers=(1, 2),
+                                num_res_blocks=1, attention_levels=(1,), num_heads=1, ema_decay=0.9),
+        "mnist", sample_options={"steps": 4}),
+    "diffusion_unet_conditional_ddpm": Family(
+        lambda shape: Diffusion(shape, num_timesteps=8, base_channels=4, channel_multipliers=(1, 2),
+                                num_res_blocks=1, attention_levels=(), num_heads=1,
+                                prediction="v", num_classes=10, guidance_scale=2.0), "mnist",
+        sample_options={"sampler": "ddpm", "y": 3}),
+    "diffusion_toy": Family(
+        lambda shape: Diffusion(shape, num_timesteps=20, prediction="v", hidden_dim=16, num_layers=1),
+        "moons", sample_options={"steps": 5, "eta": 1.0}),
 }
 
 

@@ -62,7 +62,7 @@ class Diffusion(GenerativeModule):
         clip_denoised: clip the predicted x_0 to [-1, 1] while sampling (default: True for images,
             False for vectors, whose range is not bounded).
         predict_sampler, predict_steps, predict_eta: what ``predict`` (and the default ``sample``)
-            uses: DDIM with 50 steps and eta = 0 by default.
+            uses: DDIM with eta = 0 and ``predict_steps`` steps (None: 50, or T when T < 50).
         learning_rate, weight_decay, lr_schedule, warmup_steps: see GenerativeModule.
     """
 
@@ -87,7 +87,7 @@ class Diffusion(GenerativeModule):
         ema_decay: float | None = 0.999,
         clip_denoised: bool | None = None,
         predict_sampler: str = "ddim",
-        predict_steps: int | None = 50,
+        predict_steps: int | None = None,
         predict_eta: float = 0.0,
         learning_rate: float = 2e-4,
         weight_decay: float = 0.0,

@@ -19,6 +19,12 @@ Schedules: ``linear`` (Ho et al. 2020: beta from 1e-4 to 0.02 at T = 1000, both 
 (Nichol & Dhariwal 2021, eq. 17: alpha_bar_t = f(t) / f(0), f(t) = cos((t / T + s) / (1 + s) pi/2)^2,
 s = 0.008, betas clipped at 0.999).
 
+Conditioning: alpha_bar at the last step is tiny (4e-5 linear, 2e-9 cosine at T = 1000), so
+x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t) multiplies the network's error in eps by
+up to 1 / sqrt(alpha_bar_t) in the first sampling steps. Images survive it because x_0 is clipped to
+[-1, 1]; unbounded vectors sample better with v-prediction (x_0 = sqrt(alpha_bar_t) x_t -
+sqrt(1 - alpha_bar_t) v, no division), which is why configs/diffusion_moons.yaml uses it.
+
 ``NoiseSchedule`` is an ``nn.Module`` whose tables are non-persistent buffers: they move with the
 model's device and are rebuilt from the hyperparameters, not stored in checkpoints.
 """
@@ -33,10 +39,14 @@ from torch import Tensor, nn
 BETA_SCHEDULES = ("linear", "cosine")
 
 
-def linear_betas(num_timesteps: int) -> Tensor:
-    """Ho et al. 2020's 1e-4 .. 0.02 over T = 1000, rescaled by 1000 / T for other T: (T,) float64."""
+def linear_betas(num_timesteps: int, max_beta: float = 0.999) -> Tensor:
+    """Ho et al. 2020's 1e-4 .. 0.02 over T = 1000, rescaled by 1000 / T for other T: (T,) float64.
+
+    For T < 50 the rescaled end passes 1 (alpha_bar_T = 0, x_0 no longer recoverable from eps), so
+    betas are clipped at ``max_beta`` as in the cosine schedule."""
     scale = 1000.0 / num_timesteps
-    return torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64)
+    betas = torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64)
+    return betas.clamp(max=max_beta)
 
 
 def cosine_betas(num_timesteps: int, offset: float = 0.008, max_beta: float = 0.999) -> Tensor:
