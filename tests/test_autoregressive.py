@@ -270,8 +270,11 @@ def test_class_conditioning(name):
     first = model.log_prob(x, y=torch.tensor([0, 0]))
     second = model.log_prob(x, y=torch.tensor([2, 2]))
     assert not torch.allclose(first, second)
-    with pytest.raises(ValueError, match="class-conditional"):
-        model.log_prob(x)
+    # without labels: the marginal over the uniform label prior
+    per_class = torch.stack([model.log_prob(x, y=torch.full((2,), label)) for label in range(3)])
+    torch.testing.assert_close(model.log_prob(x), per_class.exp().mean(0).log())
+    with pytest.raises(ValueError, match="shape"):
+        model.log_prob(x, y=torch.tensor([0, 1, 2]))
     assert model.sample(2, y=torch.tensor([1, 2])).shape == (2, 1, 4, 4)
     assert model.sample(3).shape == (3, 1, 4, 4)  # labels drawn uniformly
     unconditional = BUILDERS[name]((1, 4, 4))

@@ -23,6 +23,7 @@ import torch
 
 from datamodules import MNISTDataModule, ToyDataModule
 from lightning_gen import VAE, Autoencoder
+from lightning_gen import PixelCNN, PixelTransformer
 from lightning_gen import Diffusion
 from lightning_gen.base import GenerativeModule
 
@@ -58,6 +59,17 @@ FAMILIES: dict[str, Family] = {
     "vae_toy": Family(
         lambda shape: VAE(shape, network="mlp", latent_dim=2, hidden_dims=(16,),
                           val_importance_samples=4), "8gaussians"),
+    "pixelcnn_gated": Family(
+        lambda shape: PixelCNN(shape, hidden_channels=4, num_layers=1, head_channels=4,
+                               first_kernel_size=3), "mnist"),
+    "pixelcnn_8bit_conditional": Family(
+        lambda shape: PixelCNN(shape, num_levels=256, gated=False, hidden_channels=4, num_layers=1,
+                               head_channels=4, first_kernel_size=3, num_classes=10), "mnist"),
+    "pixeltransformer": Family(
+        lambda shape: PixelTransformer(shape, model_dim=8, num_layers=1, num_heads=2), "mnist"),
+    "pixeltransformer_8bit_conditional": Family(
+        lambda shape: PixelTransformer(shape, num_levels=256, model_dim=8, num_layers=1, num_heads=2,
+                                       num_classes=10), "mnist"),
     "diffusion_unet": Family(
         lambda shape: Diffusion(shape, num_timesteps=20, base_channels=4, channel_multipliers=(1, 2),
                                 num_res_blocks=1, attention_levels=(1,), num_heads=1, ema_decay=0.9),

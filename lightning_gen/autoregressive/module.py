@@ -143,10 +143,19 @@ class AutoregressiveModule(GenerativeModule):
         """Exact log p(x) in nats per image, (B,), for x as the data module yields it.
 
         For K = 2, non-binary x is binarized once (a random draw); binary x is used as is.
-        Conditional models need the labels y and give log p(x | y).
+        Conditional models give log p(x | y) for labels y, and without y the exact marginal
+        log p(x) = log (1/N) sum_y p(x | y) under the uniform label prior that ``sample`` uses
+        (N network passes).
         """
         self.check_data(x)
-        return -self.negative_log_likelihood(self.quantize(x), self.check_labels(y, len(x)))
+        levels = self.quantize(x)
+        if self.num_classes is not None and y is None:
+            per_class = [
+                -self.negative_log_likelihood(levels, torch.full((len(x),), label, device=x.device))
+                for label in range(self.num_classes)
+            ]
+            return torch.logsumexp(torch.stack(per_class), dim=0) - math.log(self.num_classes)
+        return -self.negative_log_likelihood(levels, self.check_labels(y, len(x)))
 
     # -------------------------------------------------------------------------------- training
     def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
