@@ -24,6 +24,7 @@ import torch
 from datamodules import MNISTDataModule, ToyDataModule
 from lightning_gen import VAE, Autoencoder
 from lightning_gen import PixelCNN, PixelTransformer
+from lightning_gen import GAN
 from lightning_gen import Diffusion
 from lightning_gen.base import GenerativeModule
 
@@ -70,6 +71,18 @@ FAMILIES: dict[str, Family] = {
     "pixeltransformer_8bit_conditional": Family(
         lambda shape: PixelTransformer(shape, num_levels=256, model_dim=8, num_layers=1, num_heads=2,
                                        num_classes=10), "mnist"),
+    "gan_dcgan": Family(
+        lambda shape: GAN(shape, network="dcgan", latent_dim=8, base_channels=4, ema_decay=0.9),
+        "mnist", loss=lambda model, batch: model.training_losses(batch)),
+    "gan_conditional": Family(
+        lambda shape: GAN(shape, network="mlp", latent_dim=8, generator_hidden_dims=(32,),
+                          discriminator_hidden_dims=(32,), num_classes=10, loss="hinge",
+                          spectral_norm=True), "mnist",
+        loss=lambda model, batch: model.training_losses(batch), sample_options={"y": 3}),
+    "gan_toy": Family(
+        lambda shape: GAN(shape, network="mlp", latent_dim=2, generator_hidden_dims=(16,),
+                          discriminator_hidden_dims=(16,), loss="wgan_gp", r1_weight=1.0),
+        "8gaussians", loss=lambda model, batch: model.training_losses(batch)),
     "diffusion_unet": Family(
         lambda shape: Diffusion(shape, num_timesteps=20, base_channels=4, channel_multipliers=(1, 2),
                                 num_res_blocks=1, attention_levels=(1,), num_heads=1, ema_decay=0.9),

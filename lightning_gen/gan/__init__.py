@@ -1,0 +1,3 @@
+from lightning_gen.gan.module import GAN
+
+__all__ = ["GAN"]

@@ -1,0 +1,372 @@
+"""Generative adversarial networks (Goodfellow et al. 2014) with manual optimization.
+
+A generator G maps noise z ~ N(0, I) (and, when class-conditional, a label y) to data; a
+discriminator D scores data as real or generated. Each training batch takes one discriminator
+step and, every ``n_critic``-th batch, one generator step (Gulrajani et al. 2017, Algorithm 1):
+
+    D step: minimize L_D(D(x), D(G(z))) + lambda_GP E[(||grad D(x_hat)|| - 1)^2]
+                                          + gamma / 2 E[||grad D(x)||^2]           (R1)
+    G step: minimize L_G(D(G(z')))   with fresh noise z'
+
+with the non-saturating, hinge or WGAN losses of ``losses.py``. Images are scaled to [-1, 1]
+(the generator ends in tanh); ``sample`` maps them back to [0, 1]. Toy vectors are used as they
+come, in data coordinates. With ``ema_decay`` set, an exponential moving average of the
+generator's weights (Karras et al. 2018; Yazici et al. 2019) is what ``sample``, ``predict`` and
+the validation metric use.
+
+Metrics (the same names as every family where they mean the same thing):
+- ``train/d_loss``: the discriminator's loss including penalties; ``train/g_loss``: the
+  generator's loss; ``train/loss`` is ``train/g_loss`` (logged on generator steps).
+- ``train/d_real``, ``train/d_fake``: the mean of D(x) and D(G(z)) in the D step, as
+  probabilities for the non-saturating loss (sigmoid of the logit, as in the DCGAN tutorial's
+  D(x), D(G(z))), as raw scores for hinge and WGAN; ``train/gradient_penalty``, ``train/r1``.
+- ``val/loss`` (and ``test/loss``): the energy distance (Székely & Rizzo 2013) between a batch of
+  held-out data and as many samples, in data space ([0, 1] pixels, or data coordinates). It is
+  an unbiased estimate of a distance between the model's and the data's distributions: zero
+  in expectation only when they match, lower is better, independent of the discriminator (whose
+  losses rise and fall as the two networks play), so it can drive checkpointing and compare
+  runs. ``val/d_loss``, ``val/d_real``, ``val/d_fake`` come from the current discriminator.
+
+Distributed training: Lightning wraps the whole module in DDP, and DDP (with
+find_unused_parameters=False, the default) expects every backward to reach every parameter. A D
+step's loss never touches G (the fake batch is drawn without a graph), so it adds
+``0 * sum(G's parameters)``, which gives G a zero gradient at no cost; the G step's loss reaches D
+through D(G(z)). This is also why the steps do not use ``toggle_optimizer``: it turns off
+``requires_grad`` on the other network, whose parameters then never report a gradient, and
+2-process DDP fails with "Expected to have finished reduction in the prior iteration" (Lightning
+issues #20328, #20866). Each optimizer zeroes its own gradients before its backward, so the
+other step's leftovers never reach an update.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from lightning_gen.base import GenerativeModule, learning_rate_factor
+from lightning_gen.gan.losses import (
+    check_loss,
+    discriminator_loss,
+    energy_distance,
+    generator_loss,
+    gradient_penalty,
+    interpolate,
+    r1_penalty,
+)
+from lightning_gen.gan.nets import build_networks
+from lightning_gen.nn.ema import ExponentialMovingAverage
+
+
+def _check_betas(name: str, betas: Sequence[float]) -> tuple[float, float]:
+    betas = tuple(float(beta) for beta in betas)
+    if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
+        raise ValueError(f"{name} must be two numbers in [0, 1) (Adam's beta1, beta2), got {betas}")
+    return betas
+
+
+def zero_weight(parameters) -> Tensor:
+    """0 * sum of the parameters: a term that gives each of them a zero gradient (see the module
+    docstring: it keeps DDP's reducer complete without changing any update)."""
+    return sum(parameter.sum() for parameter in parameters) * 0.0
+
+
+class GAN(GenerativeModule):
+    """GAN with the seed's MLP pair, a DCGAN pair (28x28 images) or an MLP pair for 2-D data.
+
+    Args:
+        data_shape: (C, H, W) images in [0, 1] or (D,) vectors (linked from the data module).
+        network: ``"dcgan"`` (images with H, W divisible by 4) or ``"mlp"``; default: dcgan for
+            images, mlp for vectors.
+        loss: ``"non_saturating"``, ``"hinge"`` or ``"wgan_gp"``.
+        latent_dim: size of z (the seed's 100).
+        generator_hidden_dims: MLP generator widths from z towards the data (the seed's
+            256, 512, 1024).
+        discriminator_hidden_dims: MLP discriminator widths from the data towards the score
+            (the seed's 1024, 512, 256).
+        base_channels: channels of the DCGAN pair's full-resolution layer (doubled below it).
+        num_classes: set to make both networks class-conditional (labels from the data module's
+            ``y``): label embedding concatenated to z, projection discriminator.
+        n_critic: discriminator steps per generator step (5 in WGAN-GP).
+        gradient_penalty_weight: lambda of the WGAN-GP penalty; default 10 for ``wgan_gp`` and 0
+            (off) for the other losses, to which it applies too when set.
+        r1_weight: gamma of the R1 penalty gamma / 2 E||grad D(x)||^2 on real data (0: off).
+        spectral_norm: spectral normalization of every discriminator weight (Miyato et al. 2018).
+        ema_decay: decay of the generator's weight average used for sampling (None: off).
+        generator_learning_rate, discriminator_learning_rate: Adam learning rates (the DCGAN
+            paper's 2e-4 for both).
+        generator_betas, discriminator_betas: Adam's (beta1, beta2) (DCGAN: 0.5, 0.999;
+            WGAN-GP: 0.5, 0.9 or 0.0, 0.9).
+        weight_decay: decoupled weight decay of both optimizers (AdamW; 0 gives Adam exactly).
+        lr_schedule, warmup_steps: as in GenerativeModule, applied to both optimizers, counted in
+            each optimizer's own steps.
+    """
+
+    def __init__(
+        self,
+        data_shape: Sequence[int] = (1, 28, 28),
+        network: str | None = None,
+        loss: str = "non_saturating",
+        latent_dim: int = 100,
+        generator_hidden_dims: Sequence[int] = (256, 512, 1024),
+        discriminator_hidden_dims: Sequence[int] = (1024, 512, 256),
+        base_channels: int = 64,
+        num_classes: int | None = None,
+        n_critic: int = 1,
+        gradient_penalty_weight: float | None = None,
+        r1_weight: float = 0.0,
+        spectral_norm: bool = False,
+        ema_decay: float | None = None,
+        generator_learning_rate: float = 2e-4,
+        discriminator_learning_rate: float = 2e-4,
+        generator_betas: Sequence[float] = (0.5, 0.999),
+        discriminator_betas: Sequence[float] = (0.5, 0.999),
+        weight_decay: float = 0.0,
+        lr_schedule: str = "constant",
+        warmup_steps: int = 0,
+    ) -> None:
+        super().__init__(data_shape, generator_learning_rate, weight_decay, lr_schedule, warmup_steps)
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        if network is None:
+            network = "dcgan" if self.is_image else "mlp"
+        check_loss(loss)
+        if latent_dim < 1:
+            raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
+        if not generator_hidden_dims or not discriminator_hidden_dims:
+            raise ValueError("generator_hidden_dims and discriminator_hidden_dims must name at least one width")
+        if base_channels < 1:
+            raise ValueError(f"base_channels must be >= 1, got {base_channels}")
+        if num_classes is not None and num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2 (or None for an unconditional GAN), got {num_classes}")
+        if n_critic < 1:
+            raise ValueError(f"n_critic must be >= 1, got {n_critic}")
+        if gradient_penalty_weight is None:
+            gradient_penalty_weight = 10.0 if loss == "wgan_gp" else 0.0
+        if gradient_penalty_weight < 0 or r1_weight < 0:
+            raise ValueError(f"gradient_penalty_weight and r1_weight must be >= 0, got "
+                             f"{gradient_penalty_weight} and {r1_weight}")
+        if discriminator_learning_rate <= 0:
+            raise ValueError(f"discriminator_learning_rate must be > 0, got {discriminator_learning_rate}")
+        self.network = network
+        self.loss = loss
+        self.latent_dim = latent_dim
+        self.num_classes = num_classes
+        self.n_critic = n_critic
+        self.gradient_penalty_weight = gradient_penalty_weight
+        self.r1_weight = r1_weight
+        self.generator_learning_rate = generator_learning_rate
+        self.discriminator_learning_rate = discriminator_learning_rate
+        self.generator_betas = _check_betas("generator_betas", generator_betas)
+        self.discriminator_betas = _check_betas("discriminator_betas", discriminator_betas)
+        self.generator, self.discriminator = build_networks(
+            network, self.data_shape, latent_dim, generator_hidden_dims, discriminator_hidden_dims,
+            base_channels, num_classes, spectral_norm)
+        # The average is a submodule: it moves with .to(), and is saved in and restored from
+        # checkpoints with the rest of the state dict.
+        self.generator_ema = (ExponentialMovingAverage(self.generator, ema_decay)
+                              if ema_decay is not None else None)
+
+    # ------------------------------------------------------------------------------ data space
+    def preprocess(self, x: Tensor) -> Tensor:
+        """Data as the data module yields it -> the networks' space: images [0, 1] -> [-1, 1]."""
+        return x * 2.0 - 1.0 if self.is_image else x
+
+    def postprocess(self, x: Tensor) -> Tensor:
+        """The generator's output -> data space: images [-1, 1] -> [0, 1]."""
+        return ((x + 1.0) / 2.0).clamp(0.0, 1.0) if self.is_image else x
+
+    def labels(self, y: Tensor) -> Tensor | None:
+        """The batch's labels when conditional, else None (not range-checked here: that would
+        sync with the device every step; the embedding rejects out-of-range labels)."""
+        return y if self.num_classes is not None else None
+
+    def check_labels(self, y: Tensor) -> Tensor:
+        if y.min() < 0 or y.max() >= self.num_classes:
+            raise ValueError(f"labels must lie in [0, {self.num_classes}), got values in "
+                             f"[{y.min().item()}, {y.max().item()}]")
+        return y
+
+    def noise(self, num_samples: int) -> Tensor:
+        return torch.randn(num_samples, self.latent_dim, device=self.device)  # (B, latent_dim)
+
+    # -------------------------------------------------------------------------------- losses
+    def discriminator_step_loss(self, real: Tensor, y: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+        """The D step's loss on a preprocessed real batch (B, *data_shape), and what to log."""
+        with torch.no_grad():
+            fake = self.generator(self.noise(len(real)), y)  # (B, *data_shape), no graph into G
+        if self.r1_weight > 0:
+            real = real.detach().requires_grad_(True)
+        real_scores = self.discriminator(real, y)  # (B,)
+        fake_scores = self.discriminator(fake, y)  # (B,)
+        adversarial = discriminator_loss(self.loss, real_scores, fake_scores)
+        loss = adversarial + zero_weight(self.generator.parameters())
+        logs = {"d_real": self.score_summary(real_scores), "d_fake": self.score_summary(fake_scores)}
+        if self.gradient_penalty_weight > 0:
+            penalty = gradient_penalty(lambda x_hat: self.discriminator(x_hat, y), interpolate(real, fake))
+            loss = loss + self.gradient_penalty_weight * penalty
+            logs["gradient_penalty"] = penalty
+        if self.r1_weight > 0:
+            r1 = r1_penalty(real_scores, real)
+            loss = loss + 0.5 * self.r1_weight * r1
+            logs["r1"] = r1
+        logs["d_loss"] = loss
+        return loss, logs
+
+    def generator_step_loss(self, num_samples: int, y: Tensor | None) -> Tensor:
+        """The G step's loss on ``num_samples`` fresh samples (with labels y when conditional)."""
+        fake = self.generator(self.noise(num_samples), y)  # (B, *data_shape)
+        return generator_loss(self.loss, self.discriminator(fake, y))
+
+    def score_summary(self, scores: Tensor) -> Tensor:
+        """Mean D output: a probability for the non-saturating loss, the raw score otherwise."""
+        scores = scores.detach().float()
+        return torch.sigmoid(scores).mean() if self.loss == "non_saturating" else scores.mean()
+
+    def training_losses(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        """D's and G's losses summed, without stepping: reaches every trainable parameter (used
+        by the contract test; training uses the two steps separately)."""
+        x, y = batch
+        y = self.labels(y)
+        d_loss, _ = self.discriminator_step_loss(self.preprocess(x), y)
+        return d_loss + self.generator_step_loss(len(x), y)
+
+    # ------------------------------------------------------------------------------ training
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        y = self.labels(y)
+        real = self.preprocess(x)  # (B, *data_shape)
+        optimizer_g, optimizer_d = self.optimizers()
+        scheduler_g, scheduler_d = self.schedulers()
+
+        d_loss, logs = self.discriminator_step_loss(real, y)
+        optimizer_d.zero_grad(set_to_none=True)  # also drops what the G step left in D
+        self.manual_backward(d_loss)
+        optimizer_d.step()
+        if scheduler_d is not None:
+            scheduler_d.step()
+        for name, value in logs.items():
+            self.log(f"train/{name}", value, on_step=True, on_epoch=True, batch_size=len(x),
+                     prog_bar=name == "d_loss")
+
+        if (batch_idx + 1) % self.n_critic == 0:
+            g_loss = self.generator_step_loss(len(x), y)
+            optimizer_g.zero_grad(set_to_none=True)
+            self.manual_backward(g_loss)
+            optimizer_g.step()
+            if scheduler_g is not None:
+                scheduler_g.step()
+            if self.generator_ema is not None:
+                self.generator_ema.update(self.generator)
+            self.log("train/g_loss", g_loss, on_step=True, on_epoch=True, batch_size=len(x))
+            self.log_loss("train", g_loss.detach(), len(x))
+
+    def schedulers(self) -> tuple:
+        schedulers = self.lr_schedulers()
+        if schedulers is None:
+            return None, None
+        return tuple(schedulers)
+
+    def _evaluation_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor | None:
+        x, y = batch
+        y = self.labels(y)
+        sync = dict(on_epoch=True, sync_dist=True, batch_size=len(x))
+        real = self.preprocess(x)
+        fake = self.generate(len(x), y)  # (B, *data_shape), the sampling generator's
+        real_scores, fake_scores = self.discriminator(real, y), self.discriminator(fake, y)
+        self.log(f"{stage}/d_loss", discriminator_loss(self.loss, real_scores, fake_scores), **sync)
+        self.log(f"{stage}/d_real", self.score_summary(real_scores), **sync)
+        self.log(f"{stage}/d_fake", self.score_summary(fake_scores), **sync)
+        if len(x) < 2:  # the energy distance needs two points per side
+            return None
+        distance = energy_distance(self.postprocess(fake), x)
+        self.log_loss(stage, distance, len(x))
+        return distance
+
+    def validation_step(self, batch, batch_idx):
+        return self._evaluation_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        return self._evaluation_step(batch, "test")
+
+    # ------------------------------------------------------------------------------ optimizer
+    def configure_optimizers(self):
+        optimizer_g = torch.optim.AdamW(self.generator.parameters(), lr=self.generator_learning_rate,
+                                        betas=self.generator_betas, weight_decay=self.weight_decay)
+        optimizer_d = torch.optim.AdamW(self.discriminator.parameters(),
+                                        lr=self.discriminator_learning_rate,
+                                        betas=self.discriminator_betas, weight_decay=self.weight_decay)
+        if self.lr_schedule == "constant" and self.warmup_steps == 0:
+            return [optimizer_g, optimizer_d]
+        total_batches = self.total_training_batches()
+        schedulers = [
+            torch.optim.lr_scheduler.LambdaLR(optimizer_g, learning_rate_factor(
+                self.lr_schedule, self.warmup_steps, max(total_batches // self.n_critic, 1))),
+            torch.optim.lr_scheduler.LambdaLR(optimizer_d, learning_rate_factor(
+                self.lr_schedule, self.warmup_steps, total_batches)),
+        ]
+        return [optimizer_g, optimizer_d], schedulers
+
+    def total_training_batches(self) -> int:
+        """Training batches in the whole fit. Under manual optimization the Trainer's step count
+        (max_steps, global_step) counts every optimizer step: 1 + 1 / n_critic per batch."""
+        trainer = self.trainer
+        if trainer.max_steps > 0:
+            return max(math.ceil(trainer.max_steps / (1 + 1 / self.n_critic)), 1)
+        return max(int(trainer.estimated_stepping_batches), 1)
+
+    # ------------------------------------------------------------------------------- sampling
+    def sampling_generator(self, use_ema: bool | None = None) -> nn.Module:
+        if use_ema is None:
+            use_ema = self.generator_ema is not None
+        if use_ema and self.generator_ema is None:
+            raise ValueError("use_ema=True needs a model trained with ema_decay set")
+        return self.generator_ema.averaged if use_ema else self.generator
+
+    def generate(self, num_samples: int, y: Tensor | None, use_ema: bool | None = None) -> Tensor:
+        """Generator output (network space) for fresh noise, with batch norm in inference mode
+        (samples do not depend on each other nor change the running statistics)."""
+        generator = self.sampling_generator(use_ema)
+        was_training = generator.training
+        generator.eval()
+        try:
+            return generator(self.noise(num_samples), y)
+        finally:
+            generator.train(was_training)
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, y: Tensor | int | Sequence[int] | None = None,
+               use_ema: bool | None = None) -> Tensor:
+        """Draw samples in data space: (num_samples, *data_shape), images in [0, 1].
+
+        Args:
+            y: labels for a class-conditional model: an int (every sample that class) or
+                num_samples labels; default 0, 1, ..., num_classes - 1, 0, 1, ... (a grid with
+                one class per column). Not allowed for an unconditional model.
+            use_ema: sample from the averaged generator (default: when ema_decay was set).
+        """
+        self.check_num_samples(num_samples)
+        if self.num_classes is None:
+            if y is not None:
+                raise ValueError("y was given, but this GAN is unconditional (num_classes is None)")
+            labels = None
+        else:
+            if y is None:
+                labels = torch.arange(num_samples, device=self.device) % self.num_classes
+            else:
+                labels = torch.as_tensor(y, device=self.device)
+                if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+                    raise TypeError(f"y must hold integer labels, got dtype {labels.dtype}")
+                if labels.dim() == 0:
+                    labels = labels.expand(num_samples)
+                if labels.shape != (num_samples,):
+                    raise ValueError(f"y must be an int or hold num_samples={num_samples} labels, "
+                                     f"got shape {tuple(labels.shape)}")
+                labels = self.check_labels(labels.long())
+        return self.postprocess(self.generate(num_samples, labels, use_ema)).float()
+
+    def predict_step(self, batch, batch_idx):
+        x, y = batch
+        return self.sample(len(x), y=y if self.num_classes is not None else None)
