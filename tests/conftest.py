@@ -7,8 +7,13 @@ import os
 import shutil
 from pathlib import Path
 
-import pytest
-import torch
+# Idle OpenMP threads sleep instead of spinning: on a shared, loaded CPU a spinning team waits for
+# descheduled threads at every parallel region, which made loops of small ops (autoregressive
+# sampling: 784 steps) 100x slower. Read once when torch loads, so it is set before the import.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "datasets" / "MNIST" / "raw"
