@@ -43,7 +43,8 @@ class GenerativeCLI(LightningCLI):
         parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
 
 
-def main(args=None) -> GenerativeCLI:
+def main(args: list[str] | None = None, run: bool = True) -> GenerativeCLI:
+    """Run the CLI (``args`` default to sys.argv); ``run=False`` only instantiates the objects."""
     default_wandb_mode()
     import lightning as L
 
@@ -54,6 +55,7 @@ def main(args=None) -> GenerativeCLI:
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
         args=args,
+        run=run,
     )
 
 
