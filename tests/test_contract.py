@@ -26,6 +26,7 @@ from lightning_gen import VAE, Autoencoder
 from lightning_gen import PixelCNN, PixelTransformer
 from lightning_gen import GAN
 from lightning_gen import Diffusion
+from lightning_gen import RealNVP
 from lightning_gen.base import GenerativeModule
 
 
@@ -95,6 +96,12 @@ FAMILIES: dict[str, Family] = {
     "diffusion_toy": Family(
         lambda shape: Diffusion(shape, num_timesteps=20, prediction="v", hidden_dim=16, num_layers=1),
         "moons", sample_options={"steps": 5, "eta": 1.0}),
+    "realnvp_toy": Family(
+        lambda shape: RealNVP(shape, num_layers=2, hidden_dims=(16,)), "8gaussians",
+        sample_options={"temperature": 0.8}),
+    "realnvp_mnist": Family(
+        lambda shape: RealNVP(shape, num_scales=2, couplings_per_scale=1, hidden_channels=4,
+                              num_blocks=1), "mnist"),
 }
 
 
