@@ -150,3 +150,22 @@ def test_two_process_ddp_fit_and_synced_validation(run_dir):
         full = model.reconstruction_error(x, model.decoder_output(model.encode(x))).mean()
     assert float(full) == pytest.approx(single_loss, rel=1e-4)
     assert abs(float(half) - single_loss) > 1e-3 * single_loss
+
+
+def test_wandb_runs_offline_unless_the_user_logged_in(monkeypatch, tmp_path):
+    from lightning_gen.cli import default_wandb_mode
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    default_wandb_mode()
+    assert os.environ["WANDB_MODE"] == "offline"
+
+    monkeypatch.setenv("WANDB_MODE", "online")  # the user's choice is kept
+    default_wandb_mode()
+    assert os.environ["WANDB_MODE"] == "online"
+
+    monkeypatch.delenv("WANDB_MODE")
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password key\n")
+    default_wandb_mode()  # logged in with `wandb login`: W&B decides (online)
+    assert "WANDB_MODE" not in os.environ
