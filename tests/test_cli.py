@@ -138,6 +138,12 @@ def test_two_process_ddp_fit_and_synced_validation(run_dir):
     single_loss = read_metrics(run_dir / "logs" / "single" / "version_0" / "metrics.csv")["val/loss"]
     assert ddp_loss == pytest.approx(single_loss, rel=1e-5)
 
+    # A 2-process predict gathers both ranks' samples: 11 requested (the sampler pads to 12).
+    _cli_subprocess("predict", "--config", config, *csv_logger, *ddp, "--ckpt_path", str(checkpoint),
+                    "--data.init_args.num_predict_samples", "11", "--data.init_args.batch_size", "4",
+                    "--prediction_writer.output_dir", "ddp_predictions", cwd=run_dir)
+    assert torch.load(run_dir / "ddp_predictions" / "samples.pt").shape == (11, 2)
+
     # The check can fail: rank 0's half alone (DistributedSampler: indices 0, 2, 4, ...) differs.
     from datamodules import ToyDataModule
 
