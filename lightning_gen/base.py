@@ -97,6 +97,21 @@ class GenerativeModule(L.LightningModule):
         if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
 
+    # --------------------------------------------------------------------------------- training
+    def _shared_step(self, batch: Any, stage: str) -> Tensor:
+        """The loss of one batch at ``stage`` ("train", "val" or "test"), logged under the
+        contract's names; every family implements it (or overrides training_step, as the GAN)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement _shared_step()")
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "test")
+
     # --------------------------------------------------------------------------------- sampling
     def sample(self, num_samples: int, **options: Any) -> Tensor:
         """Draw ``num_samples`` examples in data space: (num_samples, *data_shape)."""

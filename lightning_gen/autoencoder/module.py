@@ -108,15 +108,6 @@ class Autoencoder(GenerativeModule):
         self.log_loss(stage, loss, len(x))
         return loss
 
-    def training_step(self, batch, batch_idx):
-        return self._shared_step(batch, "train")
-
-    def validation_step(self, batch, batch_idx):
-        return self._shared_step(batch, "val")
-
-    def test_step(self, batch, batch_idx):
-        return self._shared_step(batch, "test")
-
     # ------------------------------------------------------------------ the fitted latent prior
     def _accumulate_codes(self, z: Tensor) -> None:
         z = z.double()

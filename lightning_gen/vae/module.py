@@ -177,15 +177,6 @@ class VAE(GenerativeModule):
             self.log_likelihood_metrics(stage, nll)
         return loss
 
-    def training_step(self, batch, batch_idx):
-        return self._shared_step(batch, "train")
-
-    def validation_step(self, batch, batch_idx):
-        return self._shared_step(batch, "val")
-
-    def test_step(self, batch, batch_idx):
-        return self._shared_step(batch, "test")
-
     # ----------------------------------------------------------------------------- likelihood
     @torch.no_grad()
     def log_prob(self, x: Tensor, num_samples: int = 1000, chunk_size: int | None = None) -> Tensor:
