@@ -105,6 +105,17 @@ def test_n_critic_sets_the_ratio_of_steps(tmp_path):
     assert labels == ["discriminator"] * 3 + ["generator"] + ["discriminator"] * 3 + ["generator"]
 
 
+def test_learning_rate_schedules_step_with_their_optimizers(tmp_path):
+    model = GAN((2,), lr_schedule="cosine", warmup_steps=4, generator_learning_rate=1e-3,
+                discriminator_learning_rate=2e-3, n_critic=2, **TINY_TOY)
+    # 3 batches: 3 D steps, 1 G step (4 optimizer steps); warm-up factor (n + 1) / 4 after n steps.
+    trainer = tiny_trainer(tmp_path, max_steps=4)
+    trainer.fit(model, datamodule=toy_data())
+    optimizer_g, optimizer_d = trainer.optimizers
+    assert optimizer_d.param_groups[0]["lr"] == pytest.approx(2e-3 * 4 / 4)
+    assert optimizer_g.param_groups[0]["lr"] == pytest.approx(1e-3 * 2 / 4)
+
+
 # ------------------------------------------------------------------------------------- losses
 def test_adversarial_losses_match_their_formulas():
     real, fake = torch.tensor([2.0, -1.0, 0.5]), torch.tensor([0.3, -2.0, 1.5])

@@ -239,7 +239,7 @@ class GAN(GenerativeModule):
         y = self.labels(y)
         real = self.preprocess(x)  # (B, *data_shape)
         optimizer_g, optimizer_d = self.optimizers()
-        scheduler_g, scheduler_d = self.schedulers()
+        scheduler_g, scheduler_d = self.learning_rate_schedulers()
 
         d_loss, logs = self.discriminator_step_loss(real, y)
         optimizer_d.zero_grad(set_to_none=True)  # also drops what the G step left in D
@@ -263,7 +263,9 @@ class GAN(GenerativeModule):
             self.log("train/g_loss", g_loss, on_step=True, on_epoch=True, batch_size=len(x))
             self.log_loss("train", g_loss.detach(), len(x))
 
-    def schedulers(self) -> tuple:
+    def learning_rate_schedulers(self) -> tuple:
+        """(generator's, discriminator's) schedulers, or (None, None); stepped by hand, as manual
+        optimization requires, each after its own optimizer's step."""
         schedulers = self.lr_schedulers()
         if schedulers is None:
             return None, None
@@ -343,8 +345,8 @@ class GAN(GenerativeModule):
 
         Args:
             y: labels for a class-conditional model: an int (every sample that class) or
-                num_samples labels; default 0, 1, ..., num_classes - 1, 0, 1, ... (a grid with
-                one class per column). Not allowed for an unconditional model.
+                num_samples labels; default 0, 1, ..., num_classes - 1, 0, 1, ... (every class,
+                in turn). Not allowed for an unconditional model.
             use_ema: sample from the averaged generator (default: when ema_decay was set).
         """
         self.check_num_samples(num_samples)
