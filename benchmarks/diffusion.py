@@ -199,7 +199,8 @@ def quality(args) -> None:
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     trainer.fit(model, datamodule=data)
     train_seconds = timer.time_elapsed("train")
-    steps, epochs = trainer.global_step, trainer.current_epoch
+    steps = trainer.global_step
+    images_seen = steps * args.batch_sizes[0]
     model.eval()
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
@@ -225,9 +226,9 @@ def quality(args) -> None:
     sample_seconds = time.perf_counter() - start
     print(f"\n{datetime.date.today()}, {hardware(args.device)}; data {args.data}; "
           f"{sum(p.numel() for p in model.network.parameters()):,} parameters\n")
-    print("| data | training time | steps | epochs | sampling | result |")
+    print("| data | training time | steps | images seen | sampling | result |")
     print("|---|---:|---:|---:|---|---|")
-    print(f"| {args.data} | {train_seconds / 60:.1f} min | {steps} | {epochs} | DDIM-50 "
+    print(f"| {args.data} | {train_seconds / 60:.1f} min | {steps} | {images_seen:,} | DDIM-50 "
           f"({sample_seconds:.0f} s) | {extra} |")
 
 

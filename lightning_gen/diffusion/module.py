@@ -23,6 +23,9 @@ fidelity (the paper's w is guidance_scale - 1).
 
 An exponential moving average of the weights (``ema_decay``) is kept after every optimizer step
 and used for validation, sampling and ``predict``; it is part of the module, so checkpoints save it.
+
+There is no ``log_prob``: the variational bound (Ho et al. 2020, eq. 5) is not implemented, so the
+family logs ``train/loss`` and ``val/loss`` (the MSE above) but no ``val/nll`` / ``val/bpd``.
 """
 
 from __future__ import annotations
