@@ -185,9 +185,7 @@ class Diffusion(GenerativeModule):
         self.log_loss(stage, loss, len(x))
         return loss
 
-    def training_step(self, batch, batch_idx):
-        return self._shared_step(batch, "train", batch_idx)
-
+    # training_step is the base class's; evaluation passes batch_idx, the seed of its fixed noise.
     def validation_step(self, batch, batch_idx):
         return self._shared_step(batch, "val", batch_idx)
 
