@@ -149,7 +149,13 @@ class GenerativeModule(L.LightningModule):
         )
         if self.lr_schedule == "constant" and self.warmup_steps == 0:
             return optimizer
-        total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
+        estimated = self.trainer.estimated_stepping_batches  # inf when the fit has no end
+        if math.isinf(estimated):
+            if self.lr_schedule == "cosine":
+                raise ValueError("lr_schedule='cosine' needs a finite fit: set trainer max_steps or "
+                                 "max_epochs, or use lr_schedule='constant'")
+            estimated = self.warmup_steps
+        total_steps = max(int(estimated), 1)
         schedule = learning_rate_factor(self.lr_schedule, self.warmup_steps, total_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -121,3 +121,28 @@ def test_log_prob_rejects_data_outside_the_contract():
         model.log_prob(torch.rand(2, 784), num_samples=2)
     with pytest.raises(ValueError, match="num_samples"):
         model.sample(0)
+
+
+def test_learning_rate_schedules():
+    from lightning_gen.base import learning_rate_factor
+
+    warmup_cosine = learning_rate_factor("cosine", warmup_steps=10, total_steps=110)
+    assert warmup_cosine(0) == pytest.approx(0.1) and warmup_cosine(9) == pytest.approx(1.0)
+    assert warmup_cosine(60) == pytest.approx(0.5) and warmup_cosine(110) == pytest.approx(0.0)
+    assert learning_rate_factor("constant", 0, 100)(50) == 1.0
+
+
+def test_warmup_with_an_endless_fit_and_cosine_needs_an_end(tmp_path):
+    import lightning as L
+
+    from datamodules import ToyDataModule
+
+    data = ToyDataModule("moons", num_train=64, num_val=16, num_test=16, batch_size=16)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=-1, max_time={"seconds": 1}, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0)
+    trainer.fit(VAE((2,), network="mlp", hidden_dims=(8,), warmup_steps=5), datamodule=data)
+    assert trainer.global_step > 0
+    with pytest.raises(ValueError, match="cosine.*finite"):
+        L.Trainer(accelerator="cpu", max_epochs=-1, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False).fit(
+            VAE((2,), network="mlp", hidden_dims=(8,), lr_schedule="cosine"), datamodule=data)
