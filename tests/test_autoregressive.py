@@ -277,6 +277,12 @@ def test_class_conditioning(name):
         model.log_prob(x, y=torch.tensor([0, 1, 2]))
     assert model.sample(2, y=torch.tensor([1, 2])).shape == (2, 1, 4, 4)
     assert model.sample(3).shape == (3, 1, 4, 4)  # labels drawn uniformly
+    torch.manual_seed(3)
+    one_label = model.sample(2, y=1)
+    torch.manual_seed(3)
+    assert torch.equal(one_label, model.sample(2, y=torch.tensor([1, 1])))
+    with pytest.raises(ValueError, match="0..2"):
+        model.sample(2, y=3)
     unconditional = BUILDERS[name]((1, 4, 4))
     with pytest.raises(ValueError, match="num_classes"):
         unconditional.log_prob(x, y=torch.tensor([0, 1]))

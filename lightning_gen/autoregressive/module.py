@@ -123,10 +123,17 @@ class AutoregressiveModule(GenerativeModule):
         if y is None:
             raise ValueError(f"{type(self).__name__} is class-conditional (num_classes="
                              f"{self.num_classes}): pass labels y of shape ({batch_size},)")
-        y = torch.as_tensor(y, device=self.device).long()
+        y = torch.as_tensor(y, device=self.device)
+        if y.dtype.is_floating_point or y.dtype == torch.bool:
+            raise TypeError(f"y must hold integer labels, got {y.dtype}")
+        if y.dim() == 0:  # one label for every image
+            y = y.expand(batch_size)
         if y.shape != (batch_size,):
-            raise ValueError(f"y must have shape ({batch_size},), got {tuple(y.shape)}")
-        return y
+            raise ValueError(f"y must be one label or have shape ({batch_size},), got {tuple(y.shape)}")
+        if y.min() < 0 or y.max() >= self.num_classes:
+            raise ValueError(f"labels must lie in 0..{self.num_classes - 1}, got "
+                             f"{y.min().item()}..{y.max().item()}")
+        return y.long()
 
     # ------------------------------------------------------------------------------ likelihood
     def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
@@ -209,7 +216,9 @@ class AutoregressiveModule(GenerativeModule):
                 continue
             row, column, channel = position // (W * C), (position // C) % W, position % C
             logits = self.next_logits(images, position, y, state).float()  # (B, K)
-            drawn = torch.distributions.Categorical(logits=logits / temperature).sample()  # (B,)
+            # validate_args=False: the argument check would sync with the GPU at every step
+            drawn = torch.distributions.Categorical(logits=logits / temperature,
+                                                    validate_args=False).sample()  # (B,)
             value = torch.where(given[:, channel, row, column], levels[:, channel, row, column], drawn)
             levels[:, channel, row, column] = value
             images[:, channel, row, column] = value.float() / (self.num_levels - 1)
@@ -228,7 +237,8 @@ class AutoregressiveModule(GenerativeModule):
 
         Args:
             temperature: the logits are divided by it (< 1: sharper, > 1: more diverse).
-            y: labels (num_samples,) for a conditional model; None draws them uniformly.
+            y: labels for a conditional model, one int or (num_samples,); None draws them
+                uniformly (p(y) = 1/N, the prior of the marginal ``log_prob``).
         """
         self.check_num_samples(num_samples)
         y = self.sample_labels(num_samples, y)
@@ -269,12 +279,12 @@ class AutoregressiveModule(GenerativeModule):
                 Values after a missing one are drawn given the sampled values before them, so
                 each completion is a sample of p(missing | given values before it in the order).
             temperature: see ``sample``.
-            y: labels for a conditional model (required there).
+            y: labels for a conditional model (one int or (B,)); None draws them uniformly.
         Returns the completed images (B, C, H, W) in [0, 1], given values quantized.
         """
         self.check_data(x)
         given = self.given_mask(x, num_given_rows, mask)
-        y = self.check_labels(y, len(x))
+        y = self.sample_labels(len(x), y)
         levels = self.quantize(x.to(self.device))
         return self.levels_to_images(self.sample_levels(levels, given.to(self.device), y,
                                                         temperature, **options))
