@@ -19,7 +19,7 @@ from lightning.pytorch.cli import LightningCLI
 
 import datamodules  # noqa: F401  (registers the data modules for --data NAME)
 import lightning_gen  # noqa: F401  (registers the models for --model NAME)
-from lightning_gen.base import GenerativeModule
+import lightning_gen.metrics  # noqa: F401  (registers MNISTClassifier)
 from lightning_gen.callbacks import PredictionWriter, SampleLogger
 
 
@@ -48,8 +48,12 @@ def main(args: list[str] | None = None, run: bool = True) -> GenerativeCLI:
     default_wandb_mode()
     import lightning as L
 
+    # The base class is LightningModule, not GenerativeModule, so that the FID/KID feature network
+    # (lightning_gen.metrics.MNISTClassifier, a classifier that draws no samples) trains through the
+    # same command: python cli.py fit --config configs/mnist_features.yaml. Every model is still
+    # found by name (--model VAE); a module without sample() must set sample_logger.every_n_epochs 0.
     return GenerativeCLI(
-        GenerativeModule,
+        L.LightningModule,
         L.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,

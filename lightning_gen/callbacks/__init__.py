@@ -3,9 +3,11 @@
 from lightning_gen.callbacks.latent import LatentInterpolation, interpolate
 from lightning_gen.callbacks.media import image_grid, log_image, samples_image, scatter_image
 from lightning_gen.callbacks.prediction import PredictionWriter, write_samples
+from lightning_gen.callbacks.quality import ImageQualityMetrics, SampleDistanceMetrics
 from lightning_gen.callbacks.samples import SampleLogger
 
 __all__ = [
-    "LatentInterpolation", "PredictionWriter", "SampleLogger", "image_grid", "interpolate",
+    "ImageQualityMetrics", "LatentInterpolation", "PredictionWriter", "SampleDistanceMetrics",
+    "SampleLogger", "image_grid", "interpolate",
     "log_image", "samples_image", "scatter_image", "write_samples",
 ]

@@ -1,5 +1,17 @@
-"""Metrics shared by every family."""
+"""Metrics shared by every family: likelihood units, FID/KID on MNIST, 2-D sample distances."""
 
+from lightning_gen.metrics.features import (
+    FeatureExtractor, MNISTClassifier, MNISTFeatureNet, load_mnist_feature_extractor,
+)
+from lightning_gen.metrics.fid import (
+    extract_features, fid_kid_from_features, frechet_distance, load_feature_network, real_features,
+)
 from lightning_gen.metrics.likelihood import bits_per_dim
+from lightning_gen.metrics.two_d import MMD, SlicedWasserstein, mmd, sliced_wasserstein
 
-__all__ = ["bits_per_dim"]
+__all__ = [
+    "MMD", "FeatureExtractor", "MNISTClassifier", "MNISTFeatureNet", "SlicedWasserstein",
+    "bits_per_dim", "extract_features", "fid_kid_from_features", "frechet_distance",
+    "load_feature_network", "load_mnist_feature_extractor", "mmd", "real_features",
+    "sliced_wasserstein",
+]

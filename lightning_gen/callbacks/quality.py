@@ -1,0 +1,301 @@
+"""Sample-quality metrics after validation and test: FID/KID for images, MMD/SW for 2-D data.
+
+Both callbacks draw their samples in shards, one per DDP rank (rank r draws its share under seed
+``seed + r``), and let torchmetrics combine the ranks' states at ``compute()``; every rank gets the
+same value, so the logged number needs no further sync. Samples come from the model's
+``sample()``, which uses the EMA weights in the families that keep them.
+
+    python cli.py fit --config configs/vae_mnist.yaml \\
+        --trainer.callbacks+=lightning_gen.callbacks.ImageQualityMetrics \\
+        --trainer.callbacks.feature_network=checkpoints/mnist_features/last.ckpt
+    python cli.py fit --config configs/realnvp_moons.yaml \\
+        --trainer.callbacks+=lightning_gen.callbacks.SampleDistanceMetrics
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from lightning_gen.metrics.fid import (
+    extract_features, load_feature_network, make_fid_kid, real_features,
+)
+from lightning_gen.metrics.two_d import DEFAULT_BANDWIDTHS, MMD, SlicedWasserstein
+
+
+def _shard_size(total: int, trainer: L.Trainer) -> int:
+    """This rank's share of ``total`` samples (the first ``total % world`` ranks draw one more)."""
+    world, rank = trainer.world_size, trainer.global_rank
+    return total // world + int(rank < total % world)
+
+
+@torch.no_grad()
+def _draw_samples(pl_module: L.LightningModule, count: int, batch_size: int, seed: int,
+                  options: dict[str, Any]):
+    """Yield ``count`` samples in batches, under ``seed``, leaving the training RNG untouched."""
+    devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for start in range(0, count, batch_size):
+            yield pl_module.sample(min(batch_size, count - start), **options)
+
+
+def _is_image_model(pl_module: L.LightningModule) -> bool:
+    return len(getattr(pl_module, "data_shape", ())) == 3
+
+
+def _check_common(num_samples: int, batch_size: int, every_n_epochs: int) -> None:
+    if num_samples < 2:
+        raise ValueError(f"num_samples must be >= 2, got {num_samples}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if every_n_epochs < 0:
+        raise ValueError(f"every_n_epochs must be >= 0 (0 = only at test), got {every_n_epochs}")
+
+
+class ImageQualityMetrics(Callback):
+    """FID and KID of ``num_samples`` generated images against the MNIST test set.
+
+    Logged as ``val/fid`` and ``val/kid`` after validation (every ``every_n_epochs`` epochs, not
+    during the sanity check) and ``test/fid``, ``test/kid`` after ``cli.py test``. The features of
+    the real images are computed once per feature network and data and cached on disk (see
+    ``lightning_gen.metrics.fid.real_features``). Without a feature network the callback warns
+    once and does nothing, so configs can list it before the network is trained. On 2-D data it
+    does nothing (use ``SampleDistanceMetrics``).
+
+    Args:
+        feature_network: ``"inception"`` (torchmetrics' Inception-v3, downloads weights) or the
+            path of an ``MNISTClassifier`` checkpoint (``cli.py fit --config
+            configs/mnist_features.yaml``); None: skip with a warning.
+        num_samples: generated images per evaluation, shared out over the DDP ranks.
+        batch_size: images per ``sample()`` call.
+        num_real: real test images compared with (None: all 10,000).
+        every_n_epochs: evaluate after every n-th validation epoch; 0: only at test.
+        data_dir: folder holding MNIST/raw (default: the fitted MNISTDataModule's, else
+            ``$LIGHTNING_GEN_DATA`` or ./data).
+        cache_dir: where real features are cached (default ``$LIGHTNING_GEN_CACHE`` or
+            ~/.cache/lightning-gen, then ``fid/``).
+        kid_subset_size: KID subset size (capped at the number of samples).
+        kid_subsets: KID subsets averaged.
+        seed: seed of the sampling noise (rank r uses ``seed + r``) and of the KID subsets.
+        sample_options: keyword arguments for ``sample()`` (e.g. ``{"steps": 50}``).
+    """
+
+    def __init__(
+        self,
+        feature_network: str | None = None,
+        num_samples: int = 1000,
+        batch_size: int = 250,
+        num_real: int | None = None,
+        every_n_epochs: int = 1,
+        data_dir: str | None = None,
+        cache_dir: str | None = None,
+        kid_subset_size: int = 1000,
+        kid_subsets: int = 100,
+        seed: int = 0,
+        sample_options: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        _check_common(num_samples, batch_size, every_n_epochs)
+        if num_real is not None and not 2 <= num_real <= 10000:
+            raise ValueError(f"num_real must be in 2..10000 (the MNIST test set) or None, got {num_real}")
+        if kid_subset_size < 2 or kid_subsets < 1:
+            raise ValueError(f"kid_subset_size must be >= 2 and kid_subsets >= 1, got "
+                             f"{kid_subset_size}, {kid_subsets}")
+        self.feature_network = feature_network
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.num_real = num_real
+        self.every_n_epochs = every_n_epochs
+        self.data_dir = data_dir
+        self.cache_dir = cache_dir
+        self.kid_subset_size = kid_subset_size
+        self.kid_subsets = kid_subsets
+        self.seed = seed
+        self.sample_options = dict(sample_options or {})
+        self._network = None
+        self._real: Tensor | None = None
+        self._warned = False
+
+    # ------------------------------------------------------------------------------ the real side
+    def _real_images(self, trainer: L.Trainer) -> Tensor:
+        from datamodules.mnist import MNISTDataModule
+
+        data_dir = self.data_dir
+        if data_dir is None and isinstance(trainer.datamodule, MNISTDataModule):
+            data_dir = str(trainer.datamodule.data_dir)
+        data = MNISTDataModule(data_dir=data_dir)
+        data.setup("test")
+        images = data.test_set.images[: self.num_real]  # (N, 28, 28) uint8
+        return images.unsqueeze(1).float() / 255.0  # (N, 1, 28, 28) in [0, 1]
+
+    def _real_features(self, trainer: L.Trainer) -> Tensor:
+        """Rank zero computes (or reads) the cached features first; the others then read them."""
+        if self._real is None:
+            images = self._real_images(trainer)
+            if trainer.is_global_zero:
+                self._real = real_features(self._network, self.feature_network, images, self.cache_dir)
+            trainer.strategy.barrier("real_features")
+            if self._real is None:
+                self._real = real_features(self._network, self.feature_network, images, self.cache_dir)
+        return self._real
+
+    # ------------------------------------------------------------------------------- evaluation
+    def _skip(self, pl_module: L.LightningModule) -> bool:
+        if not _is_image_model(pl_module):
+            return True
+        if self.feature_network is None:
+            if not self._warned:
+                rank_zero_warn(
+                    "ImageQualityMetrics: no feature network configured, FID/KID skipped. Set "
+                    "feature_network to 'inception' or to an MNISTClassifier checkpoint (train one "
+                    "with: python cli.py fit --config configs/mnist_features.yaml)."
+                )
+                self._warned = True
+            return True
+        return False
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[Tensor, Tensor]:
+        """FID and KID (mean over subsets), synced over the ranks; the same on every rank."""
+        device = pl_module.device
+        if self._network is None:
+            self._network = load_feature_network(self.feature_network)
+        self._network.to(device)
+        real = self._real_features(trainer)
+        # Each rank feeds its shard of the real features and of the generated ones; torchmetrics
+        # sums (FID) and concatenates (KID) the states of all ranks at compute().
+        real_shard = real[trainer.global_rank :: trainer.world_size].to(device)
+        subset_size = min(self.kid_subset_size, self.num_samples, len(real))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+            fid, kid = make_fid_kid(real.shape[1], subset_size, self.kid_subsets)
+        fid, kid = fid.to(device), kid.to(device)
+        fid.update(real_shard, real=True)
+        kid.update(real_shard, real=True)
+        count = _shard_size(self.num_samples, trainer)
+        seed = self.seed + trainer.global_rank
+        for x in _draw_samples(pl_module, count, self.batch_size, seed, self.sample_options):
+            features = extract_features(self._network, x.clamp(0, 1)).to(device)  # (b, F)
+            fid.update(features, real=False)
+            kid.update(features, real=False)
+        fid_value = fid.compute()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)  # the same KID subsets on every rank
+            kid_value, _ = kid.compute()
+        return fid_value, kid_value
+
+    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._skip(pl_module):
+            return
+        fid_value, kid_value = self.evaluate(trainer, pl_module)
+        pl_module.log(f"{stage}/fid", fid_value.float())
+        pl_module.log(f"{stage}/kid", kid_value.float())
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if (trainer.sanity_checking or self.every_n_epochs == 0
+                or (trainer.current_epoch + 1) % self.every_n_epochs != 0):
+            return
+        self._run(trainer, pl_module, "val")
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._run(trainer, pl_module, "test")
+
+
+class SampleDistanceMetrics(Callback):
+    """MMD (Gaussian kernel) and sliced Wasserstein-2 between samples and held-out 2-D points.
+
+    The held-out points are the validation (or test) batches the trainer runs, up to
+    ``max_points`` per rank; ``num_samples`` samples are drawn after the epoch. Logged as
+    ``val/mmd``, ``val/sliced_wasserstein`` and ``test/...``. Does nothing on image data.
+
+    Args:
+        num_samples: samples drawn per evaluation, shared out over the DDP ranks.
+        batch_size: samples per ``sample()`` call.
+        max_points: held-out points kept per rank.
+        bandwidths: Gaussian kernel bandwidths (data units) whose kernels are averaged.
+        num_projections: random directions of the sliced Wasserstein distance.
+        every_n_epochs: evaluate after every n-th validation epoch; 0: only at test.
+        seed: seed of the sampling noise (rank r uses ``seed + r``) and of the directions.
+        sample_options: keyword arguments for ``sample()``.
+    """
+
+    def __init__(
+        self,
+        num_samples: int = 2000,
+        batch_size: int = 2000,
+        max_points: int = 2000,
+        bandwidths: Sequence[float] = DEFAULT_BANDWIDTHS,
+        num_projections: int = 256,
+        every_n_epochs: int = 1,
+        seed: int = 0,
+        sample_options: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        _check_common(num_samples, batch_size, every_n_epochs)
+        if max_points < 2:
+            raise ValueError(f"max_points must be >= 2, got {max_points}")
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.max_points = max_points
+        self.every_n_epochs = every_n_epochs
+        self.seed = seed
+        self.sample_options = dict(sample_options or {})
+        self.mmd = MMD(bandwidths)
+        self.sliced_wasserstein = SlicedWasserstein(num_projections, seed)
+        self._active = False
+        self._kept = 0
+
+    def _start(self, pl_module: L.LightningModule, active: bool) -> None:
+        self._active = active and not _is_image_model(pl_module)
+        self._kept = 0
+        for metric in (self.mmd, self.sliced_wasserstein):
+            metric.reset()
+            metric.to(pl_module.device)
+
+    def _collect(self, batch: Any) -> None:
+        if not self._active or self._kept >= self.max_points:
+            return
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        x = x[: self.max_points - self._kept].detach()
+        self._kept += len(x)
+        self.mmd.update(x, real=True)
+        self.sliced_wasserstein.update(x, real=True)
+
+    def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not self._active:
+            return
+        count = _shard_size(self.num_samples, trainer)
+        seed = self.seed + trainer.global_rank
+        for x in _draw_samples(pl_module, count, self.batch_size, seed, self.sample_options):
+            self.mmd.update(x, real=False)
+            self.sliced_wasserstein.update(x, real=False)
+        pl_module.log(f"{stage}/mmd", self.mmd.compute())
+        pl_module.log(f"{stage}/sliced_wasserstein", self.sliced_wasserstein.compute())
+        self._active = False
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        active = (not trainer.sanity_checking and self.every_n_epochs > 0
+                  and (trainer.current_epoch + 1) % self.every_n_epochs == 0)
+        self._start(pl_module, active)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._collect(batch)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._finish(trainer, pl_module, "val")
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start(pl_module, True)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._collect(batch)
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._finish(trainer, pl_module, "test")
