@@ -121,7 +121,8 @@ class MNISTClassifier(L.LightningModule):
         self._shared_step(batch, "test")
 
     def predict_step(self, batch, batch_idx):
-        return self.network(batch[0]).argmax(dim=1)
+        # Class probabilities (B, 10): what PredictionWriter saves as a float (N, 10) samples.pt.
+        return self.network(batch[0]).softmax(dim=1)
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.learning_rate,
