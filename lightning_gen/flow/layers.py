@@ -193,6 +193,10 @@ class DequantizeLogit(nn.Module):
 
         log|dy/dv| = sum( log(1 - 2 alpha) - log(p) - log(1 - p) - log 256 ),  p = alpha + (1 - 2 alpha) u.
 
+    The logit maps [0, 1) onto the bounded interval [logit(alpha), logit(1 - alpha)), so the mass
+    the flow puts outside it is lost: the density on [0, 256)^D integrates to at most 1 and the
+    reported bits/dim is conservative (an upper bound), as in Dinh et al. 2017.
+
     ``forward(x, dequantize=False)`` skips the rounding and the noise and uses u = x itself (x is
     read as a continuous point of [0, 1], log-det still with respect to v = 256 u), which makes
     ``inverse(forward(x))`` return x exactly; ``inverse`` returns u, the continuous image in
