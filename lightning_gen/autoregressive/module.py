@@ -175,15 +175,6 @@ class AutoregressiveModule(GenerativeModule):
             self.log_likelihood_metrics(stage, nll)
         return loss
 
-    def training_step(self, batch, batch_idx):
-        return self._shared_step(batch, "train")
-
-    def validation_step(self, batch, batch_idx):
-        return self._shared_step(batch, "val")
-
-    def test_step(self, batch, batch_idx):
-        return self._shared_step(batch, "test")
-
     # -------------------------------------------------------------------------------- sampling
     def start_sampling(self, batch_size: int, **options: Any) -> Any:
         """Per-run state of the sampling loop (the transformer's key/value cache); None here."""

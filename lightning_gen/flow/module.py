@@ -151,15 +151,6 @@ class RealNVP(GenerativeModule):
         self.log_likelihood_metrics(stage, nll)
         return loss
 
-    def training_step(self, batch, batch_idx):
-        return self._shared_step(batch, "train")
-
-    def validation_step(self, batch, batch_idx):
-        return self._shared_step(batch, "val")
-
-    def test_step(self, batch, batch_idx):
-        return self._shared_step(batch, "test")
-
     # ------------------------------------------------------------------------------- sampling
     @torch.no_grad()
     def sample(self, num_samples: int, temperature: float = 1.0) -> Tensor:
