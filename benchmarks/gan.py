@@ -170,7 +170,7 @@ def main() -> None:
     parser.add_argument("--mode-threshold", type=float, default=0.01)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--grid", type=Path, default=None, help="where the picture goes")
-    parser.add_argument("--output", type=Path, default=RESULTS / "gan_runs.md")
+    parser.add_argument("--output", type=Path, default=RESULTS / "gan.md", help="the table is appended here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

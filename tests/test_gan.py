@@ -343,6 +343,18 @@ def test_fit_checkpoint_predict_through_the_cli_mnist(run_dir, mnist_root):
     assert any(key.startswith("generator_ema.") for key in state["state_dict"])
 
 
+def test_the_seed_mlp_config_fits_and_predicts(run_dir, mnist_root):
+    output = fit_and_predict(
+        "gan_mlp_mnist.yaml", run_dir, "--model.init_args.generator_hidden_dims", "[16, 32]",
+        "--model.init_args.discriminator_hidden_dims", "[32, 16]", "--data.init_args.batch_size", "8",
+        "--data.init_args.num_predict_samples", "4")
+    samples = torch.load(output / "samples.pt")
+    assert samples.dtype == torch.uint8 and samples.shape == (4, 1, 28, 28)
+    state = torch.load(run_dir / "model.ckpt", map_location="cpu", weights_only=False)
+    assert state["hyper_parameters"]["network"] == "mlp"
+    assert not any(key.startswith("generator_ema.") for key in state["state_dict"])  # the seed's: no EMA
+
+
 def test_fit_checkpoint_predict_through_the_cli_8gaussians(run_dir):
     output = fit_and_predict(
         "gan_8gaussians.yaml", run_dir, "--data.init_args.num_train", "256",
