@@ -9,8 +9,11 @@ mnist: trains the DCGAN of configs/gan_mnist.yaml (non-saturating loss, Adam 2e-
 EMA 0.999) and reports the training time, steps, and the energy distance (the model's
 ``val/loss``, pixel space in [0, 1]) between --eval-size EMA samples and as many test digits, next
 to the same distance between training and test digits (what a perfect model would score). It saves
-a sample grid. FID with the project's MNIST feature network belongs to the evaluation issue
-(issue 7) and is not computed here yet.
+a sample grid. With --feature-network (default: the project's MNIST feature network,
+checkpoints/mnist_features/last.ckpt, trained by ``python cli.py fit --config
+configs/mnist_features.yaml``) it also reports the FID of the EMA samples, of the raw generator's
+samples and of training digits (the floor) against the first --eval-size test digits, in the
+feature space of that network (numbers compare only between runs with the same checkpoint).
 
 toy: trains the WGAN-GP of configs/gan_8gaussians.yaml and draws --eval-size samples:
 - "within 3 std": the share of samples whose distance to the nearest of the 8 centres is below
@@ -44,8 +47,12 @@ from datamodules.toy import EIGHT_GAUSSIANS_RADIUS, EIGHT_GAUSSIANS_STD, sample_
 from lightning_gen import GAN  # noqa: E402
 from lightning_gen.callbacks import image_grid, scatter_image  # noqa: E402
 from lightning_gen.gan.losses import energy_distance  # noqa: E402
+from lightning_gen.metrics import (  # noqa: E402
+    extract_features, fid_kid_from_features, load_feature_network, real_features,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
+FEATURE_NETWORK = Path(__file__).resolve().parents[1] / "checkpoints" / "mnist_features" / "last.ckpt"
 
 
 class BatchCounter(Callback):
@@ -105,6 +112,13 @@ def run_mnist(args) -> tuple[str, str]:
     samples = torch.cat([model.sample(len(chunk)).cpu() for chunk in test.split(500)])
     raw = torch.cat([model.sample(len(chunk), use_ema=False).cpu() for chunk in test.split(500)])
     distances = [energy_distance(s, test).item() for s in (samples, raw, train_images)]
+    if args.feature_network is None:
+        fids = ["not computed"] * 3
+    else:
+        network = load_feature_network(str(args.feature_network)).to(args.device)
+        test_features = real_features(network, str(args.feature_network), test)
+        fids = [f"{fid_kid_from_features(test_features, extract_features(network, s), kid_subsets=1)[0]:.2f}"
+                for s in (samples, raw, train_images)]
 
     from torchvision.utils import save_image
 
@@ -113,10 +127,11 @@ def run_mnist(args) -> tuple[str, str]:
     save_image(image_grid(samples[:64], nrow=8), grid)
     save_image(image_grid(raw[:64], nrow=8), grid.with_name(grid.stem + "_no_ema.png"))
     header = ("| model | training | train time | energy distance to test (EMA) | without EMA "
-              "| train vs test digits | FID | hardware | date |\n|---|---|---|---|---|---|---|---|---|")
+              "| train vs test digits | FID (EMA) | FID without EMA | FID train vs test digits "
+              "| hardware | date |\n|---|---|---|---|---|---|---|---|---|---|---|")
     row = (f"| DCGAN (c={args.base_channels}, non-saturating, EMA 0.999) | {batches} batches of "
            f"{args.batch_size} ({batches * args.batch_size / 55000:.2f} epochs) | {seconds / 60:.1f} min "
-           f"| {distances[0]:.3f} | {distances[1]:.3f} | {distances[2]:.3f} | pending (issue 7) "
+           f"| {distances[0]:.3f} | {distances[1]:.3f} | {distances[2]:.3f} | {fids[0]} | {fids[1]} | {fids[2]} "
            f"| {hardware(args.device)} | {datetime.date.today().isoformat()} |")
     return header, row
 
@@ -168,12 +183,20 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=1e-4, help="both networks (toy)")
     parser.add_argument("--eval-size", type=int, default=None, help="default: 2000 (mnist), 10000 (toy)")
     parser.add_argument("--mode-threshold", type=float, default=0.01)
+    parser.add_argument("--feature-network", default=str(FEATURE_NETWORK),
+                        help="MNISTClassifier checkpoint for the FID (mnist); 'none' skips the FID")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--grid", type=Path, default=None, help="where the picture goes")
     parser.add_argument("--output", type=Path, default=RESULTS / "gan.md", help="the table is appended here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.feature_network.lower() == "none":
+        args.feature_network = None
+    elif args.task == "mnist" and not Path(args.feature_network).is_file():
+        # checked before training, not after the budget is spent
+        raise ValueError(f"--feature-network: no checkpoint at {args.feature_network} (train it with "
+                         "python cli.py fit --config configs/mnist_features.yaml, or pass 'none')")
     if args.batch_size is None:
         args.batch_size = 128 if args.task == "mnist" else 256
     if args.eval_size is None:
