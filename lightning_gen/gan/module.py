@@ -248,8 +248,7 @@ class GAN(GenerativeModule):
         if scheduler_d is not None:
             scheduler_d.step()
         for name, value in logs.items():
-            self.log(f"train/{name}", value, on_step=True, on_epoch=True, batch_size=len(x),
-                     prog_bar=name == "d_loss")
+            self.log_metric("train", name, value, batch_size=len(x), prog_bar=name == "d_loss")
 
         if (batch_idx + 1) % self.n_critic == 0:
             g_loss = self.generator_step_loss(len(x), y)
@@ -260,7 +259,7 @@ class GAN(GenerativeModule):
                 scheduler_g.step()
             if self.generator_ema is not None:
                 self.generator_ema.update(self.generator)
-            self.log("train/g_loss", g_loss, on_step=True, on_epoch=True, batch_size=len(x))
+            self.log_metric("train", "g_loss", g_loss, batch_size=len(x))
             self.log_loss("train", g_loss.detach(), len(x))
 
     def learning_rate_schedulers(self) -> tuple:
@@ -274,13 +273,13 @@ class GAN(GenerativeModule):
     def _evaluation_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor | None:
         x, y = batch
         y = self.labels(y)
-        sync = dict(on_epoch=True, sync_dist=True, batch_size=len(x))
         real = self.preprocess(x)
         fake = self.generate(len(x), y)  # (B, *data_shape), the sampling generator's
         real_scores, fake_scores = self.discriminator(real, y), self.discriminator(fake, y)
-        self.log(f"{stage}/d_loss", discriminator_loss(self.loss, real_scores, fake_scores), **sync)
-        self.log(f"{stage}/d_real", self.score_summary(real_scores), **sync)
-        self.log(f"{stage}/d_fake", self.score_summary(fake_scores), **sync)
+        self.log_metric(stage, "d_loss", discriminator_loss(self.loss, real_scores, fake_scores),
+                        batch_size=len(x))
+        self.log_metric(stage, "d_real", self.score_summary(real_scores), batch_size=len(x))
+        self.log_metric(stage, "d_fake", self.score_summary(fake_scores), batch_size=len(x))
         if len(x) < 2:  # the energy distance needs two points per side
             return None
         distance = energy_distance(self.postprocess(fake), x)

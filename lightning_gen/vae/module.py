@@ -165,9 +165,8 @@ class VAE(GenerativeModule):
         weight = self.kl_weight() if stage == "train" else 1.0
         loss = (reconstruction + weight * kl).mean()
         self.log_loss(stage, loss, len(x))
-        sync = stage != "train"
-        self.log(f"{stage}/reconstruction", reconstruction.mean(), on_epoch=True, sync_dist=sync)
-        self.log(f"{stage}/kl", kl.mean(), on_epoch=True, sync_dist=sync)
+        self.log_metric(stage, "reconstruction", reconstruction.mean(), batch_size=len(x))
+        self.log_metric(stage, "kl", kl.mean(), batch_size=len(x))
         if stage == "train":
             self.log("train/kl_weight", weight, on_step=True, on_epoch=False)
         else:
