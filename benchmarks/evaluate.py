@@ -5,22 +5,24 @@ Each entry runs two commands of the ordinary CLI in a scratch folder:
     python cli.py fit  --config configs/X.yaml --trainer.max_time 00:00:MM:SS ...   (the config's
         max_epochs/max_steps still apply: training stops at whichever comes first)
     python cli.py test --config configs/X.yaml --ckpt_path <last.ckpt> \\
-        --trainer.callbacks+=lightning_gen.callbacks.ImageQualityMetrics      (MNIST models)
-        --trainer.callbacks+=lightning_gen.callbacks.SampleDistanceMetrics    (2-D models)
+        --image_quality.feature_network <checkpoint> --image_quality.num_samples N ...
 
-and reads the test metrics from the CSV log: test/nll and test/bpd where the model has a
+(``cli.py test`` runs FID/KID for MNIST models and MMD/sliced Wasserstein for 2-D models by
+itself; the options only set the feature network and the sample counts) and reads the test metrics from the CSV log: test/nll and test/bpd where the model has a
 likelihood, test/fid and test/kid (MNIST feature network) for images, test/mmd and
 test/sliced_wasserstein for 2-D data.
 
 Full size on a GPU (the feature network first: python cli.py fit --config configs/mnist_features.yaml):
 
-    python benchmarks/evaluate.py --budget-minutes 30 --accelerator gpu \\
-        --feature-network checkpoints/mnist_features/last.ckpt --num-samples 10000
+    python benchmarks/evaluate.py --budget-minutes 30 --accelerator gpu --num-samples 10000
 
 Small on a CPU:
 
     python benchmarks/evaluate.py --budget-minutes 0.5 --accelerator cpu --num-samples 200 \\
-        --test-batches 4 --val-batches 4 --feature-network checkpoints/mnist_features/last.ckpt
+        --test-batches 4 --val-batches 4
+
+The feature network defaults to $LIGHTNING_GEN_FEATURE_NETWORK or checkpoints/mnist_features/last.ckpt
+of the repository; without one, the MNIST rows have no FID/KID.
 """
 
 from __future__ import annotations
@@ -116,18 +118,16 @@ def evaluate(entry: Entry, args: argparse.Namespace, work: Path) -> dict[str, ob
     fitted = last_metrics(work / "logs" / "fit")
     checkpoint = work / "checkpoints" / entry.name / "last.ckpt"
     if entry.is_image:
-        if args.feature_network is None:
-            quality = []
-        else:
-            quality = ["--trainer.callbacks+=lightning_gen.callbacks.ImageQualityMetrics",
-                       "--trainer.callbacks.feature_network", str(Path(args.feature_network).resolve()),
-                       "--trainer.callbacks.num_samples", str(args.num_samples),
-                       "--trainer.callbacks.kid_subset_size", str(min(1000, args.num_samples))]
+        quality = ["--image_quality.num_samples", str(args.num_samples),
+                   "--image_quality.kid_subset_size", str(min(1000, args.num_samples))]
+        if args.feature_network is not None:
+            quality += ["--image_quality.feature_network", args.feature_network]
+        if entry.sample_options:
+            quality += ["--image_quality.sample_options", json.dumps(entry.sample_options)]
     else:
-        quality = ["--trainer.callbacks+=lightning_gen.callbacks.SampleDistanceMetrics",
-                   "--trainer.callbacks.num_samples", str(min(args.num_samples, 5000))]
-    if entry.sample_options and quality:
-        quality += ["--trainer.callbacks.sample_options", json.dumps(entry.sample_options)]
+        quality = ["--sample_distance.num_samples", str(min(args.num_samples, 5000))]
+        if entry.sample_options:
+            quality += ["--sample_distance.sample_options", json.dumps(entry.sample_options)]
     test_common = common + (["--trainer.limit_test_batches", str(args.test_batches)]
                             if args.test_batches else [])
     test_seconds = run(
@@ -168,7 +168,9 @@ def main() -> None:
     parser.add_argument("--budget-minutes", type=float, default=10.0, help="training time per model")
     parser.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu"])
     parser.add_argument("--feature-network", default=None,
-                        help="'inception' or an MNISTClassifier checkpoint (FID/KID of MNIST models)")
+                        help="'inception' or an MNISTClassifier checkpoint (FID/KID of MNIST models); "
+                             "default: $LIGHTNING_GEN_FEATURE_NETWORK or checkpoints/mnist_features/"
+                             "last.ckpt of the repository when it exists")
     parser.add_argument("--num-samples", type=int, default=10000, help="generated samples for FID/KID, MMD, SW")
     parser.add_argument("--val-batches", type=int, default=0, help="limit validation batches (0: all)")
     parser.add_argument("--test-batches", type=int, default=0, help="limit test batches (0: all)")
@@ -180,6 +182,16 @@ def main() -> None:
     args = parser.parse_args()
     if args.budget_minutes <= 0 or args.num_samples < 2:
         parser.error("--budget-minutes must be > 0 and --num-samples >= 2")
+    if args.feature_network is None:
+        default = Path(os.environ.get("LIGHTNING_GEN_FEATURE_NETWORK")
+                       or REPO / "checkpoints" / "mnist_features" / "last.ckpt")
+        if default.is_file():
+            args.feature_network = str(default.resolve())
+        else:
+            print(f"No feature network at {default}: MNIST rows without FID/KID "
+                  "(python cli.py fit --config configs/mnist_features.yaml)", file=sys.stderr)
+    elif args.feature_network != "inception":
+        args.feature_network = str(Path(args.feature_network).resolve())  # the CLI runs elsewhere
     entries = [e for e in ENTRIES if args.only is None or e.name in args.only or e.config in args.only]
     if not entries:
         parser.error(f"--only matched nothing; names: {[e.name for e in ENTRIES]}")

@@ -64,6 +64,8 @@ def test_every_config_fits_validates_tests_and_predicts(config, run_dir, mnist_r
     assert torch.isfinite(tested.trainer.callback_metrics["test/loss"])
     if "vae" in config:  # the likelihood metrics of the contract
         assert {"test/nll", "test/bpd"} <= set(tested.trainer.callback_metrics)
+    if "mnist" not in config:  # 2-D data: the sample distances, with no extra flag
+        assert {"test/mmd", "test/sliced_wasserstein"} <= set(tested.trainer.callback_metrics)
     run_cli("predict", "--config", str(CONFIGS / config), *common, "--ckpt_path", str(checkpoint),
             "--prediction_writer.output_dir", str(run_dir / "out"))
     assert (run_dir / "out" / "samples.pt").is_file()

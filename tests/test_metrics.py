@@ -102,15 +102,80 @@ def test_feature_network_choice_is_checked(tmp_path):
         load_feature_network(str(tmp_path / "missing.ckpt"))
     with pytest.raises(ValueError, match="inception"):
         load_feature_network("")
+    # An explicit path that does not exist is a mistake, reported before any training.
+    with pytest.raises(ValueError, match="no file at"):
+        ImageQualityMetrics(feature_network=str(tmp_path / "missing.ckpt"))
+    ImageQualityMetrics(feature_network="inception")  # option (a) is selectable; loaded on first use
 
 
-def test_image_callback_warns_and_skips_without_feature_network():
-    class ImageModel(L.LightningModule):
-        data_shape = (1, 28, 28)
+def test_inception_without_its_weights_is_a_clear_error(monkeypatch):
+    import urllib.error
 
-    callback = ImageQualityMetrics(feature_network=None)
-    with pytest.warns(UserWarning, match="no feature network configured"):
-        callback._run(trainer=None, pl_module=ImageModel(), stage="val")  # returns before sampling
+    import torch_fidelity.feature_extractor_inceptionv3 as inception
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    # As on a machine without network access and without the weights in torch.hub's cache.
+    monkeypatch.setattr(inception, "load_state_dict_from_url", offline)
+    with pytest.raises(RuntimeError, match="inception.*configs/mnist_features.yaml"):
+        load_feature_network("inception")
+
+
+class SamplingImageModel(L.LightningModule):
+    data_shape = (1, 28, 28)
+
+    def sample(self, num_samples: int) -> torch.Tensor:
+        raise AssertionError("must not sample without a feature network")
+
+
+def test_image_callback_warns_and_skips_without_feature_network(monkeypatch, tmp_path):
+    missing = str(tmp_path / "missing.ckpt")
+    monkeypatch.setenv("LIGHTNING_GEN_FEATURE_NETWORK", missing)
+    callback = ImageQualityMetrics()  # the default path: $LIGHTNING_GEN_FEATURE_NETWORK here
+    with pytest.warns(UserWarning, match="no feature network at .*missing.ckpt"):
+        callback._run(trainer=None, pl_module=SamplingImageModel(), stage="val")  # returns before sampling
+
+
+def test_cli_test_reports_fid_and_kid_with_the_default_feature_network(run_dir, mnist_root, monkeypatch):
+    checkpoint = save_classifier_checkpoint(run_dir / "features.ckpt")
+    monkeypatch.setenv("LIGHTNING_GEN_FEATURE_NETWORK", str(checkpoint))
+    monkeypatch.setenv("LIGHTNING_GEN_CACHE", str(run_dir / "cache"))
+    common = [*QUICK, "--trainer.callbacks", "[]", "--trainer.limit_test_batches", "2",
+              "--data.init_args.batch_size", "16"]
+    cli = run_cli("fit", "--config", str(CONFIGS / "vae_mnist.yaml"), *common, "--trainer.max_steps", "1",
+                  "--trainer.limit_val_batches", "2", "--trainer.num_sanity_val_steps", "0",
+                  "--model.init_args.test_importance_samples", "2")
+    assert "val/fid" not in cli.trainer.callback_metrics  # quality metrics: after test only, by default
+    cli.trainer.save_checkpoint(run_dir / "vae.ckpt")
+    # No FID option on the command line: small N only to keep the test fast.
+    tested = run_cli("test", "--config", str(CONFIGS / "vae_mnist.yaml"), *common,
+                     "--ckpt_path", str(run_dir / "vae.ckpt"), "--image_quality.num_samples", "40",
+                     "--image_quality.num_real", "200", "--image_quality.batch_size", "20")
+    metrics = tested.trainer.callback_metrics
+    assert {"test/nll", "test/bpd", "test/fid", "test/kid"} <= set(metrics), set(metrics)
+    assert math.isfinite(float(metrics["test/fid"])) and float(metrics["test/fid"]) > 0
+    assert "test/mmd" not in metrics  # the 2-D metrics do not apply to images
+
+    # The classifier runs through the same CLI; it draws no samples, so no FID (and no crash).
+    classifier = run_cli("test", "--config", str(CONFIGS / "mnist_features.yaml"), *common,
+                         "--model.init_args.base_channels", "4", "--model.init_args.feature_dim", "16")
+    assert "test/accuracy" in classifier.trainer.callback_metrics
+    assert "test/fid" not in classifier.trainer.callback_metrics
+
+
+def test_cli_test_reports_distances_on_two_d_data(run_dir):
+    common = [*QUICK, "--trainer.callbacks", "[]", "--trainer.limit_test_batches", "2"]
+    cli = run_cli("fit", "--config", str(CONFIGS / "realnvp_moons.yaml"), *common,
+                  "--trainer.max_steps", "2", "--trainer.limit_val_batches", "2",
+                  "--trainer.num_sanity_val_steps", "0")
+    cli.trainer.save_checkpoint(run_dir / "flow.ckpt")
+    tested = run_cli("test", "--config", str(CONFIGS / "realnvp_moons.yaml"), *common,
+                     "--ckpt_path", str(run_dir / "flow.ckpt"))
+    metrics = tested.trainer.callback_metrics
+    assert {"test/nll", "test/mmd", "test/sliced_wasserstein"} <= set(metrics), set(metrics)
+    assert "test/fid" not in metrics
+    assert float(metrics["test/mmd"]) > 0 and float(metrics["test/sliced_wasserstein"]) > 0
 
 
 # ------------------------------------------------------------------------------------ 2-D distances
@@ -140,8 +205,7 @@ def test_two_d_callback_logs_mmd_and_sliced_wasserstein(run_dir):
     cli = run_cli("fit", "--config", str(CONFIGS / "vae_8gaussians.yaml"), *QUICK,
                   "--trainer.callbacks", "[]", "--trainer.max_steps", "2", "--trainer.limit_train_batches", "2",
                   "--trainer.limit_val_batches", "2", "--trainer.num_sanity_val_steps", "0",
-                  "--trainer.callbacks+=lightning_gen.callbacks.SampleDistanceMetrics",
-                  "--trainer.callbacks.num_samples", "300")
+                  "--sample_distance.every_n_epochs", "1", "--sample_distance.num_samples", "300")
     metrics = cli.trainer.callback_metrics
     assert float(metrics["val/mmd"]) > 0 and float(metrics["val/sliced_wasserstein"]) > 0
 
@@ -159,11 +223,10 @@ def test_fid_callback_in_a_two_process_ddp_fit(run_dir, mnist_root):
         "--trainer.num_sanity_val_steps", "0", "--data.batch_size", "16",
         "--model.base_channels", "4", "--model.hidden_dims", "[16]", "--model.latent_dim", "4",
         "--model.val_importance_samples", "2", "--sample_logger.every_n_epochs", "0",
-        "--trainer.callbacks+=lightning_gen.callbacks.ImageQualityMetrics",
-        "--trainer.callbacks.feature_network", str(checkpoint),
-        "--trainer.callbacks.num_samples", "41",  # odd: the ranks draw 21 and 20
-        "--trainer.callbacks.num_real", "300", "--trainer.callbacks.batch_size", "16",
-        "--trainer.callbacks.cache_dir", str(run_dir / "cache"),
+        "--image_quality.every_n_epochs", "1", "--image_quality.feature_network", str(checkpoint),
+        "--image_quality.num_samples", "41",  # odd: the ranks draw 21 and 20
+        "--image_quality.num_real", "300", "--image_quality.batch_size", "16",
+        "--image_quality.cache_dir", str(run_dir / "cache"),
     ]
     result = subprocess.run([sys.executable, str(REPO / "cli.py"), *args], cwd=run_dir, env=env,
                             capture_output=True, text=True, timeout=300)

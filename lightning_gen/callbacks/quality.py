@@ -5,17 +5,21 @@ Both callbacks draw their samples in shards, one per DDP rank (rank r draws its 
 same value, so the logged number needs no further sync. Samples come from the model's
 ``sample()``, which uses the EMA weights in the families that keep them.
 
-    python cli.py fit --config configs/vae_mnist.yaml \\
-        --trainer.callbacks+=lightning_gen.callbacks.ImageQualityMetrics \\
-        --trainer.callbacks.feature_network=checkpoints/mnist_features/last.ckpt
-    python cli.py fit --config configs/realnvp_moons.yaml \\
-        --trainer.callbacks+=lightning_gen.callbacks.SampleDistanceMetrics
+``cli.py`` adds both to every run (options ``--image_quality.*`` and ``--sample_distance.*``), each
+acting only on the models it applies to, so ``cli.py test`` reports FID/KID for image models and
+MMD/sliced Wasserstein for 2-D ones with no extra flags:
+
+    python cli.py fit --config configs/mnist_features.yaml       # the FID/KID feature network, once
+    python cli.py test --config configs/vae_mnist.yaml --ckpt_path checkpoints/vae_mnist/last.ckpt
+    python cli.py fit --config configs/vae_mnist.yaml --image_quality.every_n_epochs 1   # val/fid too
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -25,7 +29,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_gen.metrics.fid import (
-    extract_features, load_feature_network, make_fid_kid, real_features,
+    INCEPTION, extract_features, load_feature_network, make_fid_kid, real_features,
 )
 from lightning_gen.metrics.two_d import DEFAULT_BANDWIDTHS, MMD, SlicedWasserstein
 
@@ -47,8 +51,24 @@ def _draw_samples(pl_module: L.LightningModule, count: int, batch_size: int, see
             yield pl_module.sample(min(batch_size, count - start), **options)
 
 
+# Where ``cli.py fit --config configs/mnist_features.yaml`` writes the feature network (relative to
+# the working directory, like every checkpoint of the configs); the environment variable overrides it.
+DEFAULT_FEATURE_NETWORK = "checkpoints/mnist_features/last.ckpt"
+FEATURE_NETWORK_ENV = "LIGHTNING_GEN_FEATURE_NETWORK"
+
+
+def default_feature_network() -> str:
+    """``$LIGHTNING_GEN_FEATURE_NETWORK`` or ``checkpoints/mnist_features/last.ckpt``."""
+    return os.environ.get(FEATURE_NETWORK_ENV) or DEFAULT_FEATURE_NETWORK
+
+
 def _is_image_model(pl_module: L.LightningModule) -> bool:
     return len(getattr(pl_module, "data_shape", ())) == 3
+
+
+def _can_sample(pl_module: L.LightningModule) -> bool:
+    # A classifier (the feature network itself) runs through the same CLI but draws no samples.
+    return callable(getattr(pl_module, "sample", None))
 
 
 def _check_common(num_samples: int, batch_size: int, every_n_epochs: int) -> None:
@@ -57,7 +77,7 @@ def _check_common(num_samples: int, batch_size: int, every_n_epochs: int) -> Non
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if every_n_epochs < 0:
-        raise ValueError(f"every_n_epochs must be >= 0 (0 = only at test), got {every_n_epochs}")
+        raise ValueError(f"every_n_epochs must be >= 0 (0 = never at validation), got {every_n_epochs}")
 
 
 class ImageQualityMetrics(Callback):
@@ -67,17 +87,20 @@ class ImageQualityMetrics(Callback):
     during the sanity check) and ``test/fid``, ``test/kid`` after ``cli.py test``. The features of
     the real images are computed once per feature network and data and cached on disk (see
     ``lightning_gen.metrics.fid.real_features``). Without a feature network the callback warns
-    once and does nothing, so configs can list it before the network is trained. On 2-D data it
-    does nothing (use ``SampleDistanceMetrics``).
+    once and does nothing, so every run can carry it before the network is trained. On 2-D data
+    and on models without ``sample()`` it does nothing (use ``SampleDistanceMetrics`` for 2-D).
 
     Args:
-        feature_network: ``"inception"`` (torchmetrics' Inception-v3, downloads weights) or the
-            path of an ``MNISTClassifier`` checkpoint (``cli.py fit --config
-            configs/mnist_features.yaml``); None: skip with a warning.
+        feature_network: ``"inception"`` (torchmetrics' Inception-v3; downloads its weights on
+            first use) or the path of an ``MNISTClassifier`` checkpoint (``cli.py fit --config
+            configs/mnist_features.yaml``). None: ``$LIGHTNING_GEN_FEATURE_NETWORK`` or
+            ``checkpoints/mnist_features/last.ckpt`` (relative to the working directory), and
+            FID/KID are skipped with a warning while that file does not exist.
         num_samples: generated images per evaluation, shared out over the DDP ranks.
         batch_size: images per ``sample()`` call.
         num_real: real test images compared with (None: all 10,000).
-        every_n_epochs: evaluate after every n-th validation epoch; 0: only at test.
+        every_n_epochs: evaluate after every n-th validation epoch; 0: never at validation.
+        on_test: evaluate after ``cli.py test``.
         data_dir: folder holding MNIST/raw (default: the fitted MNISTDataModule's, else
             ``$LIGHTNING_GEN_DATA`` or ./data).
         cache_dir: where real features are cached (default ``$LIGHTNING_GEN_CACHE`` or
@@ -95,6 +118,7 @@ class ImageQualityMetrics(Callback):
         batch_size: int = 250,
         num_real: int | None = None,
         every_n_epochs: int = 1,
+        on_test: bool = True,
         data_dir: str | None = None,
         cache_dir: str | None = None,
         kid_subset_size: int = 1000,
@@ -109,11 +133,21 @@ class ImageQualityMetrics(Callback):
         if kid_subset_size < 2 or kid_subsets < 1:
             raise ValueError(f"kid_subset_size must be >= 2 and kid_subsets >= 1, got "
                              f"{kid_subset_size}, {kid_subsets}")
+        if feature_network is not None and feature_network != INCEPTION:
+            if not isinstance(feature_network, (str, os.PathLike)) or not Path(feature_network).is_file():
+                raise ValueError(
+                    f"feature_network must be {INCEPTION!r}, the path of an MNISTClassifier "
+                    f"checkpoint (train one with: python cli.py fit --config "
+                    f"configs/mnist_features.yaml) or None (the default path); no file at "
+                    f"{feature_network!r}"
+                )
+            feature_network = str(feature_network)
         self.feature_network = feature_network
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.num_real = num_real
         self.every_n_epochs = every_n_epochs
+        self.on_test = on_test
         self.data_dir = data_dir
         self.cache_dir = cache_dir
         self.kid_subset_size = kid_subset_size
@@ -149,14 +183,20 @@ class ImageQualityMetrics(Callback):
 
     # ------------------------------------------------------------------------------- evaluation
     def _skip(self, pl_module: L.LightningModule) -> bool:
-        if not _is_image_model(pl_module):
+        if not _is_image_model(pl_module) or not _can_sample(pl_module):
             return True
         if self.feature_network is None:
+            # Looked up at each evaluation, so a network trained meanwhile is picked up.
+            path = default_feature_network()
+            if Path(path).is_file():
+                self.feature_network = path
+                return False
             if not self._warned:
                 rank_zero_warn(
-                    "ImageQualityMetrics: no feature network configured, FID/KID skipped. Set "
-                    "feature_network to 'inception' or to an MNISTClassifier checkpoint (train one "
-                    "with: python cli.py fit --config configs/mnist_features.yaml)."
+                    f"ImageQualityMetrics: no feature network at {path!r} (the default path, or "
+                    f"${FEATURE_NETWORK_ENV}); FID/KID skipped. Train one with: python cli.py fit "
+                    f"--config configs/mnist_features.yaml, or set --image_quality.feature_network "
+                    f"to a checkpoint or to 'inception'."
                 )
                 self._warned = True
             return True
@@ -205,7 +245,8 @@ class ImageQualityMetrics(Callback):
         self._run(trainer, pl_module, "val")
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._run(trainer, pl_module, "test")
+        if self.on_test:
+            self._run(trainer, pl_module, "test")
 
 
 class SampleDistanceMetrics(Callback):
@@ -213,7 +254,8 @@ class SampleDistanceMetrics(Callback):
 
     The held-out points are the validation (or test) batches the trainer runs, up to
     ``max_points`` per rank; ``num_samples`` samples are drawn after the epoch. Logged as
-    ``val/mmd``, ``val/sliced_wasserstein`` and ``test/...``. Does nothing on image data.
+    ``val/mmd``, ``val/sliced_wasserstein`` and ``test/...``. Does nothing on image data and on
+    models without ``sample()``.
 
     Args:
         num_samples: samples drawn per evaluation, shared out over the DDP ranks.
@@ -221,7 +263,8 @@ class SampleDistanceMetrics(Callback):
         max_points: held-out points kept per rank.
         bandwidths: Gaussian kernel bandwidths (data units) whose kernels are averaged.
         num_projections: random directions of the sliced Wasserstein distance.
-        every_n_epochs: evaluate after every n-th validation epoch; 0: only at test.
+        every_n_epochs: evaluate after every n-th validation epoch; 0: never at validation.
+        on_test: evaluate after ``cli.py test``.
         seed: seed of the sampling noise (rank r uses ``seed + r``) and of the directions.
         sample_options: keyword arguments for ``sample()``.
     """
@@ -234,6 +277,7 @@ class SampleDistanceMetrics(Callback):
         bandwidths: Sequence[float] = DEFAULT_BANDWIDTHS,
         num_projections: int = 256,
         every_n_epochs: int = 1,
+        on_test: bool = True,
         seed: int = 0,
         sample_options: dict[str, Any] | None = None,
     ) -> None:
@@ -245,6 +289,7 @@ class SampleDistanceMetrics(Callback):
         self.batch_size = batch_size
         self.max_points = max_points
         self.every_n_epochs = every_n_epochs
+        self.on_test = on_test
         self.seed = seed
         self.sample_options = dict(sample_options or {})
         self.mmd = MMD(bandwidths)
@@ -253,7 +298,7 @@ class SampleDistanceMetrics(Callback):
         self._kept = 0
 
     def _start(self, pl_module: L.LightningModule, active: bool) -> None:
-        self._active = active and not _is_image_model(pl_module)
+        self._active = active and not _is_image_model(pl_module) and _can_sample(pl_module)
         self._kept = 0
         for metric in (self.mmd, self.sliced_wasserstein):
             metric.reset()
@@ -292,7 +337,7 @@ class SampleDistanceMetrics(Callback):
         self._finish(trainer, pl_module, "val")
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start(pl_module, True)
+        self._start(pl_module, self.on_test)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         self._collect(batch)

@@ -39,7 +39,16 @@ class InceptionFeatures(nn.Module):
         super().__init__()
         from torchmetrics.image.fid import NoTrainInceptionV3  # needs torch-fidelity
 
-        self.network = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"])
+        try:
+            self.network = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"])
+        except (OSError, RuntimeError) as error:  # URLError is an OSError
+            raise RuntimeError(
+                "feature_network='inception' needs torch-fidelity's Inception-v3 weights, which could "
+                "not be loaded (they are downloaded on first use into torch.hub's cache, "
+                "~/.cache/torch/hub/checkpoints). Without a network, use the MNIST feature network: "
+                "python cli.py fit --config configs/mnist_features.yaml. Cause: "
+                f"{type(error).__name__}: {error}"
+            ) from error
         self.num_features = 2048
 
     @torch.no_grad()
