@@ -35,6 +35,9 @@ LIKELIHOOD_FAMILIES = {"vae", "pixelcnn", "pixeltransformer", "realnvp"}
 SHARED_KEYS = ["train/loss", "train/loss_epoch", "val/loss", "test/loss", "epoch",
                "trainer/global_step"]
 LIKELIHOOD_KEYS = ["val/nll", "val/bpd", "test/nll", "test/bpd"]
+# The families whose training loss is the exact NLL also log it per step.
+EXACT_LIKELIHOOD_FAMILIES = {"pixelcnn", "pixeltransformer", "realnvp"}
+EXACT_LIKELIHOOD_KEYS = ["train/nll", "train/bpd"]
 SAMPLES_KEY = "val/samples"
 
 
@@ -142,7 +145,8 @@ def test_offline_wandb_run_has_the_shared_keys_and_samples(family, tmp_path, mni
     history = read_history(run_dir)
     logged = {key for row in history for key in row}
 
-    expected = SHARED_KEYS + (LIKELIHOOD_KEYS if family in LIKELIHOOD_FAMILIES else [])
+    expected = (SHARED_KEYS + (LIKELIHOOD_KEYS if family in LIKELIHOOD_FAMILIES else [])
+                + (EXACT_LIKELIHOOD_KEYS if family in EXACT_LIKELIHOOD_FAMILIES else []))
     missing = [key for key in expected if key not in logged]
     assert not missing, f"{family}: keys missing from the W&B history: {missing}; has {sorted(logged)}"
     for row in history:

@@ -171,8 +171,9 @@ class AutoregressiveModule(GenerativeModule):
         nll = self.negative_log_likelihood(levels, y if self.num_classes is not None else None)  # (B,)
         loss = nll.mean()
         self.log_loss(stage, loss, len(x))
-        if stage != "train":
-            self.log_likelihood_metrics(stage, nll)
+        # The loss is the exact NLL, so train/nll and train/bpd cost nothing; logged in every
+        # stage, as the flow does, so likelihood panels compare the two families while training.
+        self.log_likelihood_metrics(stage, nll.detach())
         return loss
 
     # -------------------------------------------------------------------------------- sampling
