@@ -29,7 +29,7 @@ def test_committed_notebook_is_clean_and_has_a_parameters_cell(path):
     with_outputs = [index for index, cell in enumerate(code_cells)
                     if cell.outputs or cell.execution_count is not None]
     assert not with_outputs, (f"{path.name}: code cells {with_outputs} hold outputs; clear them "
-                              f"(jupyter nbconvert --clear-output --inplace {path.name})")
+                              f"(python notebooks/clear_outputs.py notebooks/{path.name})")
     parameters = [cell for cell in code_cells if "parameters" in cell.metadata.get("tags", [])]
     assert len(parameters) == 1 and SMALL_VARIABLE in parameters[0].source, (
         f"{path.name}: needs one code cell tagged 'parameters' that reads {SMALL_VARIABLE}")
