@@ -168,6 +168,8 @@ def main() -> None:
     images = data.test_set.images[: args.test_size].unsqueeze(1).float().div(255)  # (N, 1, 28, 28)
     test_binary = torch.bernoulli(images, generator=torch.Generator().manual_seed(1234))
 
+    # the pictures go next to --output, long before the table is written
+    args.output.parent.mkdir(parents=True, exist_ok=True)
     names = ["pixelcnn", "pixeltransformer"] if args.model == "both" else [args.model]
     rows = [row for name in names for row in run(name, args, test_binary)]
     header = ("| model | test NLL (nats) | bits/dim | test images | training | train time | eval time "
@@ -175,7 +177,6 @@ def main() -> None:
     table = "\n".join([header, *rows])
     print(table)
     command = "python " + " ".join(sys.argv)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
     with open(args.output, "a") as handle:
         handle.write(f"\nCommand: `{command}`\n\nBars: {BARS}\n\n{table}\n")
 
