@@ -14,7 +14,10 @@ forward, MSE, backward, AdamW step (no EMA for either). Sampling: 50 DDIM steps,
 
 quality: train ``Diffusion`` on MNIST (or a toy set) for --budget-minutes with the Lightning
 Trainer, then write a DDIM-50 sample grid and a denoising strip (MNIST) or a scatter plot and the
-energy distance to held-out points (toy). FID needs the project's MNIST feature network (issue 7).
+energy distance to held-out points (toy). On MNIST it also reports FID and KID of --fid-samples
+DDIM-50 samples against the 10,000 test images through the project's MNIST feature network
+(lightning_gen.metrics; --feature-network, default $LIGHTNING_GEN_FEATURE_NETWORK or
+checkpoints/mnist_features/last.ckpt, trained by python cli.py fit --config configs/mnist_features.yaml).
 
     python benchmarks/diffusion.py quality --data mnist --device cuda --budget-minutes 5 --bf16
     python benchmarks/diffusion.py quality --data moons --device cpu --budget-minutes 3 --threads 1
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import sys
 import time
@@ -172,6 +176,37 @@ def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     return (2 * torch.cdist(x, y).mean() - torch.cdist(x, x).mean() - torch.cdist(y, y).mean()).item()
 
 
+def mnist_fid(model, args) -> str:
+    """FID and KID (MNIST feature network) of ``args.fid_samples`` DDIM-50 samples vs the test set."""
+    from datamodules import MNISTDataModule
+    from lightning_gen.callbacks.quality import default_feature_network
+    from lightning_gen.metrics import (
+        extract_features, fid_kid_from_features, load_feature_network, real_features,
+    )
+
+    feature_network = args.feature_network or default_feature_network()
+    if args.fid_samples == 0:
+        return "no FID (--fid-samples 0)"
+    if not (feature_network == "inception" or os.path.isfile(feature_network)):
+        if args.feature_network:  # asked for by name: a typo must not pass as "no FID"
+            raise ValueError(f"--feature-network: no file at {feature_network!r}")
+        return f"no FID (no feature network at {feature_network})"
+    network = load_feature_network(feature_network).to(model.device)
+    test = MNISTDataModule()
+    test.setup("test")
+    real = real_features(network, feature_network, test.test_set.images.unsqueeze(1).float() / 255.0)
+    torch.manual_seed(2)
+    start = time.perf_counter()
+    fake = torch.cat([
+        extract_features(network, model.sample(min(args.fid_batch_size, args.fid_samples - done),
+                                               sampler="ddim", steps=50).clamp(0, 1))
+        for done in range(0, args.fid_samples, args.fid_batch_size)])
+    seconds = time.perf_counter() - start
+    fid, kid = fid_kid_from_features(real, fake, kid_subset_size=min(1000, args.fid_samples))
+    return (f"FID {float(fid):.2f}, KID {float(kid):.4f} ({args.fid_samples} DDIM-50 samples, drawn in "
+            f"{seconds:.0f} s, vs 10,000 test images; feature network {feature_network})")
+
+
 def quality(args) -> None:
     import lightning as L
     from lightning.pytorch.callbacks import Timer
@@ -215,7 +250,7 @@ def quality(args) -> None:
         columns = torch.linspace(0, 50, 11).round().long()
         strip = trajectory["states"][columns, :8].transpose(0, 1).reshape(-1, 1, 28, 28)
         save_image(image_grid(strip, nrow=len(columns)), output / "diffusion_mnist_denoising_strip.png")
-        extra = "FID pending (needs issue 7's MNIST feature network)"
+        extra = mnist_fid(model, args)
     else:
         samples = model.sample(2000, sampler="ddim", steps=50)
         reference = sample_toy(args.data, 2000, seed=1000)[0]
@@ -256,7 +291,14 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--output-dir", default="benchmarks/results")
+    parser.add_argument("--feature-network", default=None,
+                        help="quality on MNIST: 'inception' or an MNISTClassifier checkpoint "
+                             "(default: $LIGHTNING_GEN_FEATURE_NETWORK or checkpoints/mnist_features/last.ckpt)")
+    parser.add_argument("--fid-samples", type=int, default=10000, help="quality on MNIST: 0 for no FID")
+    parser.add_argument("--fid-batch-size", type=int, default=500)
     args = parser.parse_args()
+    if args.fid_samples == 1 or args.fid_samples < 0 or args.fid_batch_size < 1:
+        parser.error("--fid-samples must be 0 (no FID) or >= 2, --fid-batch-size >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device.startswith("cuda"):
