@@ -20,6 +20,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.device import DeviceBatches, trainer_placement
+
 MNIST_FILES = {
     # name: (idx magic number, expected shape)
     "train-images-idx3-ubyte": (2051, (60000, 28, 28)),
@@ -83,6 +85,12 @@ class ImageTensorDataset(Dataset):
         return x, self.labels[index].long()
 
 
+def images_to_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images (B, H, W) and labels (B,) -> float32 (B, 1, H, W) in [0, 1] and int64."""
+    images, labels = batch
+    return images.unsqueeze(1).float().div_(255.0), labels.long()
+
+
 class MNISTDataModule(L.LightningDataModule):
     """MNIST digits in [0, 1]; train/val split of the 60k training set, test = the 10k test set.
 
@@ -95,6 +103,9 @@ class MNISTDataModule(L.LightningDataModule):
         download: download missing files with torchvision.
         num_predict_samples: how many samples ``predict`` generates (one per test image, whose label
             conditional models use).
+        device_resident: hold the train/val/test images on the Trainer's device and cut batches
+            there (``DeviceBatches``): no DataLoader workers, no per-step host-to-device copy;
+            each DDP rank iterates its own shard, reshuffled every epoch from ``split_seed``.
     """
 
     data_shape = (1, 28, 28)
@@ -109,6 +120,7 @@ class MNISTDataModule(L.LightningDataModule):
         split_seed: int = 0,
         download: bool = True,
         num_predict_samples: int = 64,
+        device_resident: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -127,6 +139,7 @@ class MNISTDataModule(L.LightningDataModule):
         self.split_seed = split_seed
         self.download = download
         self.num_predict_samples = num_predict_samples
+        self.device_resident = device_resident
         self.train_set = self.val_set = self.test_set = None
 
     @property
@@ -189,7 +202,14 @@ class MNISTDataModule(L.LightningDataModule):
         if stage in (None, "test", "predict") and self.test_set is None:
             self.test_set = self._load(train=False)
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: ImageTensorDataset, shuffle: bool) -> DataLoader | DeviceBatches:
+        if self.device_resident:
+            device, rank, world_size, epoch = trainer_placement(self)
+            return DeviceBatches(
+                (dataset.images, dataset.labels), self.batch_size, shuffle=shuffle, drop_last=shuffle,
+                seed=self.split_seed, rank=rank, world_size=world_size, device=device,
+                transform=images_to_batch, epoch=epoch,
+            )
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -199,13 +219,13 @@ class MNISTDataModule(L.LightningDataModule):
             drop_last=shuffle,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | DeviceBatches:
         return self._loader(self.train_set, shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | DeviceBatches:
         return self._loader(self.val_set, shuffle=False)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader | DeviceBatches:
         return self._loader(self.test_set, shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
@@ -215,4 +235,5 @@ class MNISTDataModule(L.LightningDataModule):
                 f"num_predict_samples must be <= {len(self.test_set)} (the test set), got {count}"
             )
         subset = ImageTensorDataset(self.test_set.images[:count], self.test_set.labels[:count])
-        return self._loader(subset, shuffle=False)
+        # Prediction only reads the batch size (and labels) to generate: a plain loader suffices.
+        return DataLoader(subset, batch_size=self.batch_size)

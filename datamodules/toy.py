@@ -27,6 +27,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from datamodules.device import DeviceBatches, trainer_placement
+
 Sampler = Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
 EIGHT_GAUSSIANS_STD = 0.5 / math.sqrt(2.0)
@@ -147,6 +149,9 @@ class ToyDataModule(L.LightningDataModule):
         batch_size: batch size for every split.
         seed: the splits are drawn with seeds ``seed``, ``seed + 1`` and ``seed + 2``.
         num_predict_samples: how many samples ``predict`` generates.
+        device_resident: hold the train/val/test points on the Trainer's device and cut batches
+            there (``DeviceBatches``): no per-step host-to-device copy; each DDP rank iterates its
+            own shard, reshuffled every epoch from ``seed``.
     """
 
     data_shape = (2,)
@@ -160,6 +165,7 @@ class ToyDataModule(L.LightningDataModule):
         batch_size: int = 256,
         seed: int = 0,
         num_predict_samples: int = 1000,
+        device_resident: bool = False,
     ) -> None:
         super().__init__()
         if name not in TOY_DISTRIBUTIONS:
@@ -174,6 +180,7 @@ class ToyDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.seed = seed
         self.num_predict_samples = num_predict_samples
+        self.device_resident = device_resident
         self.num_classes = TOY_NUM_COMPONENTS[name]
         self.train_set = self.val_set = self.test_set = None
 
@@ -183,14 +190,22 @@ class ToyDataModule(L.LightningDataModule):
             self.val_set = TensorDataset(*sample_toy(self.name, self.num_val, self.seed + 1))
             self.test_set = TensorDataset(*sample_toy(self.name, self.num_test, self.seed + 2))
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True)
+    def _loader(self, dataset: TensorDataset, shuffle: bool) -> DataLoader | DeviceBatches:
+        if self.device_resident:
+            device, rank, world_size, epoch = trainer_placement(self)
+            return DeviceBatches(dataset.tensors, self.batch_size, shuffle=shuffle, drop_last=shuffle,
+                                 seed=self.seed, rank=rank, world_size=world_size, device=device,
+                                 epoch=epoch)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, drop_last=shuffle)
 
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.batch_size)
+    def train_dataloader(self) -> DataLoader | DeviceBatches:
+        return self._loader(self.train_set, shuffle=True)
 
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=self.batch_size)
+    def val_dataloader(self) -> DataLoader | DeviceBatches:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader | DeviceBatches:
+        return self._loader(self.test_set, shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
         # Conditional models take the labels of these points; others only count them.
