@@ -1,0 +1,87 @@
+"""No training_step waits on the device: every family in the contract registry trains with the
+tensor-to-host conversions (``.item()``, ``float()``, ``int()``, ``bool()`` as in ``if t:``,
+``.tolist()``, ``.numpy()``, ``.cpu()``) made to raise inside its training_step.
+
+On a GPU each such conversion blocks the host until the queued kernels finish, so the CPU cannot
+run ahead and launch the next step's kernels: one per step costs throughput at small batches. The
+CPU has no such wait, so the test replaces the conversions themselves; it fails on CPU for the
+same code that would sync on CUDA. The optimizer's step is exempt (manual optimization calls it
+inside training_step; its conversions touch the CPU-resident step counters only), and so is the
+first training step: one-time work such as ActNorm's data-dependent initialization may sync once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from test_contract import FAMILIES, make_data, tiny_trainer
+
+CONVERSIONS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")
+
+
+class HostSyncError(AssertionError):
+    pass
+
+
+class SyncGuard:
+    """While active, the tensor-to-host conversions raise HostSyncError."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.monkeypatch = monkeypatch
+        self.active = False
+        for name in CONVERSIONS:
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._guarded(name, original))
+
+    def _guarded(self, name, original):
+        guard = self
+
+        def conversion(tensor, *args, **kwargs):
+            if guard.active:
+                raise HostSyncError(f"Tensor.{name} called in training_step (a host sync)")
+            return original(tensor, *args, **kwargs)
+
+        return conversion
+
+    @contextlib.contextmanager
+    def enabled(self, active: bool):
+        previous, self.active = self.active, active
+        try:
+            yield
+        finally:
+            self.active = previous
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_training_step_does_not_sync_with_the_device(name, tmp_path, mnist_root, monkeypatch):
+    family = FAMILIES[name]
+    torch.manual_seed(0)
+    data = make_data(family.data, mnist_root)
+    model = family.build(data.data_shape)
+    guard = SyncGuard(monkeypatch)
+    steps = []
+
+    training_step = model.training_step
+
+    def guarded_training_step(*args, **kwargs):
+        with guard.enabled(bool(steps)):  # every step after the first
+            output = training_step(*args, **kwargs)
+        steps.append(output)
+        return output
+
+    monkeypatch.setattr(model, "training_step", guarded_training_step)
+    trainer = tiny_trainer(tmp_path, max_steps=6, limit_val_batches=0)
+    optimizer_step = trainer.strategy.optimizer_step
+
+    def unguarded_optimizer_step(*args, **kwargs):
+        with guard.enabled(False):
+            return optimizer_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer.strategy, "optimizer_step", unguarded_optimizer_step)
+    trainer.fit(model, datamodule=data)
+    assert len(steps) >= 3  # guarded steps really ran (a GAN step is two optimizer steps)
+    with guard.enabled(True), pytest.raises(HostSyncError):
+        torch.ones(1).item()  # the guard itself works
