@@ -1,0 +1,230 @@
+"""Training and sampling throughput of every family: the LightningModule under the Trainer against
+a plain PyTorch loop over the same network, batch, optimizer and data path.
+
+For each family, in one run:
+- Lightning: ``Trainer.fit`` for ``--warmup-steps + --steps`` steps; images/s over the last
+  ``--steps`` (timed by a callback from the end of the warm-up to the end of the last step).
+- plain PyTorch: a fresh copy of the same model (same initial weights), the optimizer its
+  ``configure_optimizers`` returns, the loss its training step computes, the same
+  ``DeviceBatches`` data path; ``zero_grad / backward / step`` in a Python loop.
+- ratio = Lightning images/s / plain images/s (1.0: the Trainer costs nothing); each is the
+  median of ``--repeats`` runs, the two alternating.
+- sampling images/s of ``sample(--sample-count)``: diffusion with DDIM-50, the pixel transformer
+  with its key/value cache, the others with their single sampler.
+
+``--size small`` builds small networks (CPU-sized); ``--size config`` the ones of configs/*.yaml.
+
+    python benchmarks/throughput.py --size small --batch-size 32 --steps 10 --threads 1   # CPU
+    python benchmarks/throughput.py --size config --batch-size 512 --steps 50 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import importlib
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+import yaml
+
+from datamodules import MNISTDataModule
+from datamodules.device import DeviceBatches
+from datamodules.mnist import images_to_batch
+
+REPO = Path(__file__).resolve().parents[1]
+
+# family: (config file, small init_args, sampling options)
+FAMILIES = {
+    "autoencoder": ("autoencoder_conv_mnist.yaml",
+                    dict(network="conv", latent_dim=16, hidden_dims=(128,), base_channels=16), {}),
+    "vae": ("vae_mnist.yaml",
+            dict(network="conv", latent_dim=16, hidden_dims=(128,), base_channels=16), {}),
+    "gan": ("gan_mnist.yaml", dict(network="dcgan", latent_dim=32, base_channels=16), {}),
+    "pixelcnn": ("pixelcnn_mnist.yaml",
+                 dict(hidden_channels=16, num_layers=3, head_channels=16), {}),
+    "pixeltransformer": ("pixeltransformer_mnist.yaml",
+                         dict(model_dim=32, num_layers=2, num_heads=2), {"use_cache": True}),
+    "realnvp": ("realnvp_mnist.yaml",
+                dict(num_scales=2, couplings_per_scale=2, hidden_channels=16, num_blocks=1), {}),
+    "diffusion": ("diffusion_mnist.yaml",
+                  dict(base_channels=16, channel_multipliers=(1, 2), num_res_blocks=1,
+                       attention_levels=(), num_heads=1),
+                  {"sampler": "ddim", "steps": 50}),
+}
+
+
+def build(family: str, size: str) -> L.LightningModule:
+    config_name, small_args, _ = FAMILIES[family]
+    model_config = yaml.safe_load((REPO / "configs" / config_name).read_text())["model"]
+    module_name, class_name = model_config["class_path"].rsplit(".", 1)
+    model_class = getattr(importlib.import_module(module_name), class_name)
+    init_args = dict(model_config.get("init_args", {}))
+    if size == "small":
+        init_args.update(small_args)
+    # A constant learning rate: the plain loop has no Trainer to size a schedule with, and both
+    # sides then do the same optimizer work.
+    init_args.pop("lr_schedule", None)
+    init_args.pop("warmup_steps", None)
+    return model_class(MNISTDataModule.data_shape, **init_args)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class StepTimer(L.Callback):
+    """Wall time from the end of the warm-up steps to the end of the last training step."""
+
+    def __init__(self, warmup_batches: int) -> None:
+        self.warmup_batches = warmup_batches
+        self.start = self.end = None
+        self.timed_batches = 0
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        synchronize(module.device)
+        if batch_idx + 1 == self.warmup_batches:
+            self.start = time.perf_counter()
+        elif batch_idx + 1 > self.warmup_batches:
+            self.end = time.perf_counter()
+            self.timed_batches += 1
+
+
+def device_batches(images, labels, batch_size, device) -> DeviceBatches:
+    return DeviceBatches((images, labels), batch_size, shuffle=True, drop_last=True, seed=0,
+                         device=device, transform=images_to_batch)
+
+
+def lightning_throughput(model, images, labels, args, device) -> float:
+    timer = StepTimer(args.warmup_steps)
+    batches = args.warmup_steps + args.steps
+    # The GAN counts an optimizer step per network: max_steps bounds optimizer steps, so bound
+    # the batches with limit_train_batches instead.
+    trainer = L.Trainer(accelerator=device.type if device.type != "cuda" else "gpu", devices=1,
+                        max_epochs=1, limit_train_batches=batches, limit_val_batches=0,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[timer],
+                        precision=args.precision)
+    loader = device_batches(images, labels, args.batch_size, device)
+    trainer.fit(model, train_dataloaders=loader)
+    return timer.timed_batches * args.batch_size / (timer.end - timer.start)
+
+
+def plain_throughput(model, images, labels, args, device) -> float:
+    model = model.to(device).train()
+    loader = iter(device_batches(images, labels, args.batch_size, device))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                              enabled=args.precision == "bf16-mixed")
+    if hasattr(model, "discriminator_step_loss"):  # the GAN: a D step, then a G step
+        optimizer_g, optimizer_d = model.configure_optimizers()
+
+        def step(batch):
+            x, y = batch
+            y = model.labels(y)
+            with autocast:
+                d_loss, _ = model.discriminator_step_loss(model.preprocess(x), y)
+            optimizer_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            optimizer_d.step()
+            with autocast:
+                g_loss = model.generator_step_loss(len(x), y)
+            optimizer_g.zero_grad(set_to_none=True)
+            g_loss.backward()
+            optimizer_g.step()
+    else:
+        optimizer = model.configure_optimizers()
+
+        def step(batch):
+            with autocast:
+                loss = model._shared_step(batch, "train")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    for _ in range(args.warmup_steps):
+        step(next(loader))
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step(next(loader))
+    synchronize(device)
+    return args.steps * args.batch_size / (time.perf_counter() - start)
+
+
+def sampling_throughput(model, family, args, device) -> float:
+    model = model.to(device).eval()
+    options = FAMILIES[family][2]
+    model.sample(2, **options)  # warm-up
+    synchronize(device)
+    start = time.perf_counter()
+    model.sample(args.sample_count, **options)
+    synchronize(device)
+    return args.sample_count / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    parser.add_argument("--size", choices=("small", "config"), default="small")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=10, help="timed training steps")
+    parser.add_argument("--warmup-steps", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="alternating timings; medians kept")
+    parser.add_argument("--sample-count", type=int, default=16)
+    parser.add_argument("--precision", default="32-true", choices=("32-true", "bf16-mixed"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument("--output", type=Path, default=None, help="append the table to this file")
+    args = parser.parse_args()
+    for name in ("batch_size", "steps", "warmup_steps", "sample_count", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    data = MNISTDataModule(download=True)
+    data.setup("fit")
+    images, labels = data.train_set.images, data.train_set.labels
+
+    hardware = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                else f"{platform.machine()} CPU, {torch.get_num_threads()} thread(s)")
+    rows = []
+    for family in args.families:
+        L.seed_everything(0, verbose=False)
+        model = build(family, args.size)
+        twin = copy.deepcopy(model)  # same initial weights for the plain loop
+        # Alternate the two, --repeats times, and keep the medians: on a shared machine the load
+        # changes between runs, and alternation spreads it over both.
+        lightning_rates, plain_rates = [], []
+        for _ in range(args.repeats):
+            lightning_rates.append(lightning_throughput(model, images, labels, args, device))
+            plain_rates.append(plain_throughput(twin, images, labels, args, device))
+        lightning_rate, plain_rate = statistics.median(lightning_rates), statistics.median(plain_rates)
+        sample_rate = sampling_throughput(model, family, args, device)
+        parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        rows.append(f"| {family} | {parameters / 1e6:.2f} M | {lightning_rate:.1f} | {plain_rate:.1f} "
+                    f"| {lightning_rate / plain_rate:.3f} | {sample_rate:.2f} |")
+        print(rows[-1], flush=True)
+
+    header = (f"\n{datetime.date.today()}, {hardware}, size {args.size}, batch {args.batch_size}, "
+              f"{args.steps} timed steps after {args.warmup_steps} warm-up (median of {args.repeats} "
+              f"alternating runs), {args.precision}, "
+              f"sampling {args.sample_count} images\n\n"
+              "| family | parameters | Lightning train img/s | plain PyTorch train img/s "
+              "| ratio | sampling img/s |\n|---|---|---|---|---|---|\n")
+    table = header + "\n".join(rows) + "\n"
+    print(table)
+    if args.output is not None:
+        with open(args.output, "a") as stream:
+            stream.write(table)
+
+
+if __name__ == "__main__":
+    main()
