@@ -5,9 +5,10 @@ from lightning_gen.callbacks.media import image_grid, log_image, samples_image, 
 from lightning_gen.callbacks.prediction import PredictionWriter, write_samples
 from lightning_gen.callbacks.quality import ImageQualityMetrics, SampleDistanceMetrics
 from lightning_gen.callbacks.samples import SampleLogger
+from lightning_gen.callbacks.speed import SpeedOptions
 
 __all__ = [
     "ImageQualityMetrics", "LatentInterpolation", "PredictionWriter", "SampleDistanceMetrics",
-    "SampleLogger", "image_grid", "interpolate",
+    "SampleLogger", "SpeedOptions", "image_grid", "interpolate",
     "log_image", "samples_image", "scatter_image", "write_samples",
 ]
