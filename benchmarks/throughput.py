@@ -12,7 +12,8 @@ For each family, in one run:
 - sampling images/s of ``sample(--sample-count)``: diffusion with DDIM-50, the pixel transformer
   with its key/value cache, the others with their single sampler.
 
-``--size small`` builds small networks (CPU-sized); ``--size config`` the ones of configs/*.yaml.
+``--compile`` / ``--channels-last`` apply ``SpeedOptions`` to both sides (the warm-up steps then
+include the compilation). ``--size small`` builds small networks (CPU-sized); ``--size config`` the ones of configs/*.yaml.
 
     python benchmarks/throughput.py --size small --batch-size 32 --steps 10 --threads 1   # CPU
     python benchmarks/throughput.py --size config --batch-size 512 --steps 50 --device cuda
@@ -36,6 +37,7 @@ import yaml
 from datamodules import MNISTDataModule
 from datamodules.device import DeviceBatches
 from datamodules.mnist import images_to_batch
+from lightning_gen.callbacks import SpeedOptions
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -109,15 +111,20 @@ def lightning_throughput(model, images, labels, args, device) -> float:
     trainer = L.Trainer(accelerator=device.type if device.type != "cuda" else "gpu", devices=1,
                         max_epochs=1, limit_train_batches=batches, limit_val_batches=0,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[timer],
+                        enable_model_summary=False, callbacks=[timer, speed_options(args)],
                         precision=args.precision)
     loader = device_batches(images, labels, args.batch_size, device)
     trainer.fit(model, train_dataloaders=loader)
     return timer.timed_batches * args.batch_size / (timer.end - timer.start)
 
 
+def speed_options(args) -> SpeedOptions:
+    return SpeedOptions(compile=args.compile, channels_last=args.channels_last)
+
+
 def plain_throughput(model, images, labels, args, device) -> float:
     model = model.to(device).train()
+    speed_options(args).setup(None, model, "fit")
     loader = iter(device_batches(images, labels, args.batch_size, device))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16,
                               enabled=args.precision == "bf16-mixed")
@@ -177,6 +184,8 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3, help="alternating timings; medians kept")
     parser.add_argument("--sample-count", type=int, default=16)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the networks (SpeedOptions)")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last weights (SpeedOptions)")
     parser.add_argument("--precision", default="32-true", choices=("32-true", "bf16-mixed"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
@@ -215,7 +224,8 @@ def main() -> None:
 
     header = (f"\n{datetime.date.today()}, {hardware}, size {args.size}, batch {args.batch_size}, "
               f"{args.steps} timed steps after {args.warmup_steps} warm-up (median of {args.repeats} "
-              f"alternating runs), {args.precision}, "
+              f"alternating runs), {args.precision}, compile {args.compile}, "
+              f"channels_last {args.channels_last}, "
               f"sampling {args.sample_count} images\n\n"
               "| family | parameters | Lightning train img/s | plain PyTorch train img/s "
               "| ratio | sampling img/s |\n|---|---|---|---|---|---|\n")

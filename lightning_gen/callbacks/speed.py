@@ -59,6 +59,9 @@ class SpeedOptions(L.Callback):
         for name, network in self.networks(pl_module).items():
             if self.channels_last:
                 network.to(memory_format=torch.channels_last)
-            if self.compile and name not in self.compiled:
+            # A network compiled before (by this callback at an earlier stage, or by another
+            # instance on the same model) is left as it is: compiling again would recompile.
+            already_compiled = getattr(network, "_compiled_call_impl", None) is not None
+            if self.compile and not already_compiled:
                 network.compile(mode=self.compile_mode, backend=self.compile_backend)
                 self.compiled.append(name)
