@@ -129,6 +129,14 @@ class SamplingImageModel(L.LightningModule):
         raise AssertionError("must not sample without a feature network")
 
 
+def test_inception_without_torch_fidelity_names_the_extra(monkeypatch):
+    import torchmetrics.image.fid as torchmetrics_fid
+
+    monkeypatch.setattr(torchmetrics_fid, "_TORCH_FIDELITY_AVAILABLE", False)
+    with pytest.raises(ModuleNotFoundError, match=r"lightning-gen\[inception\]"):
+        load_feature_network("inception")
+
+
 def test_image_callback_warns_and_skips_without_feature_network(monkeypatch, tmp_path):
     missing = str(tmp_path / "missing.ckpt")
     monkeypatch.setenv("LIGHTNING_GEN_FEATURE_NETWORK", missing)

@@ -37,10 +37,16 @@ class InceptionFeatures(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        from torchmetrics.image.fid import NoTrainInceptionV3  # needs torch-fidelity
+        from torchmetrics.image.fid import NoTrainInceptionV3
 
         try:
             self.network = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"])
+        except ModuleNotFoundError as error:  # torchmetrics raises it when torch-fidelity is absent
+            raise ModuleNotFoundError(
+                "feature_network='inception' needs torch-fidelity: pip install 'lightning-gen[inception]' "
+                "(or pip install torch-fidelity). The MNIST feature network needs nothing extra: "
+                "python cli.py fit --config configs/mnist_features.yaml."
+            ) from error
         except (OSError, RuntimeError) as error:  # URLError is an OSError
             raise RuntimeError(
                 "feature_network='inception' needs torch-fidelity's Inception-v3 weights, which could "
