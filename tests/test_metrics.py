@@ -145,7 +145,7 @@ def test_image_callback_warns_and_skips_without_feature_network(monkeypatch, tmp
         callback._run(trainer=None, pl_module=SamplingImageModel(), stage="val")  # returns before sampling
 
 
-def test_cli_test_reports_fid_and_kid_with_the_default_feature_network(run_dir, mnist_root, monkeypatch):
+def test_cli_test_reports_fid_and_kid_with_the_default_feature_network(run_dir, mnist_root, monkeypatch, capfd):
     checkpoint = save_classifier_checkpoint(run_dir / "features.ckpt")
     monkeypatch.setenv("LIGHTNING_GEN_FEATURE_NETWORK", str(checkpoint))
     monkeypatch.setenv("LIGHTNING_GEN_CACHE", str(run_dir / "cache"))
@@ -159,7 +159,9 @@ def test_cli_test_reports_fid_and_kid_with_the_default_feature_network(run_dir, 
     # No FID option on the command line: small N only to keep the test fast.
     tested = run_cli("test", "--config", str(CONFIGS / "vae_mnist.yaml"), *common,
                      "--ckpt_path", str(run_dir / "vae.ckpt"), "--image_quality.num_samples", "40",
-                     "--image_quality.num_real", "200", "--image_quality.batch_size", "20")
+                     "--image_quality.num_real", "200", "--image_quality.batch_size", "20",
+                     "--trainer.enable_progress_bar", "true")
+    assert "test/fid: sampling" in capfd.readouterr().err  # sampling shows its progress
     metrics = tested.trainer.callback_metrics
     assert {"test/nll", "test/bpd", "test/fid", "test/kid"} <= set(metrics), set(metrics)
     assert math.isfinite(float(metrics["test/fid"])) and float(metrics["test/fid"]) > 0

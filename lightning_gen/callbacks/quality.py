@@ -27,6 +27,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from tqdm import tqdm
 
 from lightning_gen.metrics.fid import (
     INCEPTION, extract_features, load_feature_network, make_fid_kid, real_features,
@@ -202,7 +203,8 @@ class ImageQualityMetrics(Callback):
             return True
         return False
 
-    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[Tensor, Tensor]:
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                 stage: str = "val") -> tuple[Tensor, Tensor]:
         """FID and KID (mean over subsets), synced over the ranks; the same on every rank."""
         device = pl_module.device
         if self._network is None:
@@ -221,10 +223,16 @@ class ImageQualityMetrics(Callback):
         kid.update(real_shard, real=True)
         count = _shard_size(self.num_samples, trainer)
         seed = self.seed + trainer.global_rank
-        for x in _draw_samples(pl_module, count, self.batch_size, seed, self.sample_options):
-            features = extract_features(self._network, x.clamp(0, 1)).to(device)  # (b, F)
-            fid.update(features, real=False)
-            kid.update(features, real=False)
+        # Sampling can take long (an autoregressive model makes 784 network passes per batch), so
+        # rank zero shows its progress whenever the Trainer shows a progress bar.
+        show = trainer.is_global_zero and trainer.progress_bar_callback is not None
+        with tqdm(total=count, desc=f"{stage}/fid: sampling", unit="img", disable=not show,
+                  leave=False, dynamic_ncols=True) as progress:
+            for x in _draw_samples(pl_module, count, self.batch_size, seed, self.sample_options):
+                features = extract_features(self._network, x.clamp(0, 1)).to(device)  # (b, F)
+                fid.update(features, real=False)
+                kid.update(features, real=False)
+                progress.update(len(x))
         fid_value = fid.compute()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)  # the same KID subsets on every rank
@@ -234,7 +242,7 @@ class ImageQualityMetrics(Callback):
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._skip(pl_module):
             return
-        fid_value, kid_value = self.evaluate(trainer, pl_module)
+        fid_value, kid_value = self.evaluate(trainer, pl_module, stage)
         pl_module.log(f"{stage}/fid", fid_value.float())
         pl_module.log(f"{stage}/kid", kid_value.float())
 
