@@ -1,5 +1,5 @@
 """SpeedOptions: compiled, channels_last networks compute what the plain ones do, keep their
-state dict keys, and bad options raise."""
+state dict keys, and bad options raise. Every family's optimizer is the fused AdamW."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from lightning_gen import VAE
+from lightning_gen.base import adamw, use_fused_adamw
 from lightning_gen.callbacks.speed import SpeedOptions
+from test_contract import FAMILIES, make_data, tiny_trainer
 
 
 def tiny_vae() -> VAE:
@@ -49,3 +51,25 @@ def test_bad_options_raise():
         SpeedOptions(compile="yes")
     with pytest.raises(ValueError, match="compile_mode"):
         SpeedOptions(compile=True, compile_mode="fastest")
+
+
+def test_fused_adamw_only_where_the_kernel_exists():
+    cpu = torch.nn.Parameter(torch.zeros(3))
+    assert use_fused_adamw([cpu])
+    assert not use_fused_adamw([])
+    assert not use_fused_adamw([torch.zeros(3, device="meta")])  # no fused kernel for this device
+    assert not use_fused_adamw([cpu, torch.zeros(3, dtype=torch.long)])  # not all floating point
+    assert adamw([cpu], lr=1e-3).defaults["fused"] is True
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_every_family_trains_with_fused_adamw(name, tmp_path, mnist_root):
+    torch.manual_seed(0)
+    family = FAMILIES[name]
+    data = make_data(family.data, mnist_root)
+    model = family.build(data.data_shape)
+    trainer = tiny_trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    trainer.fit(model, datamodule=data)
+    assert trainer.optimizers, name
+    for optimizer in trainer.optimizers:
+        assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"] is True, name

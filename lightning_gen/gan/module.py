@@ -46,7 +46,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_gen.base import GenerativeModule, learning_rate_factor
+from lightning_gen.base import GenerativeModule, adamw, learning_rate_factor
 from lightning_gen.gan.losses import (
     check_loss,
     discriminator_loss,
@@ -294,11 +294,10 @@ class GAN(GenerativeModule):
 
     # ------------------------------------------------------------------------------ optimizer
     def configure_optimizers(self):
-        optimizer_g = torch.optim.AdamW(self.generator.parameters(), lr=self.generator_learning_rate,
-                                        betas=self.generator_betas, weight_decay=self.weight_decay)
-        optimizer_d = torch.optim.AdamW(self.discriminator.parameters(),
-                                        lr=self.discriminator_learning_rate,
-                                        betas=self.discriminator_betas, weight_decay=self.weight_decay)
+        optimizer_g = adamw(self.generator.parameters(), lr=self.generator_learning_rate,
+                            betas=self.generator_betas, weight_decay=self.weight_decay)
+        optimizer_d = adamw(self.discriminator.parameters(), lr=self.discriminator_learning_rate,
+                            betas=self.discriminator_betas, weight_decay=self.weight_decay)
         if self.lr_schedule == "constant" and self.warmup_steps == 0:
             return [optimizer_g, optimizer_d]
         total_batches = self.total_training_batches()
