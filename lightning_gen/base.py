@@ -180,8 +180,8 @@ FUSED_ADAMW_DEVICES = ("cuda", "cpu")
 def use_fused_adamw(parameters: Sequence[Tensor]) -> bool:
     """Whether AdamW's fused kernel applies: every parameter a float tensor on one device type that
     has the kernel (CUDA; CPU since torch 2.4). It updates all parameters in a few launches instead
-    of a loop over tensors: on a 2-core CPU the conv VAE's optimizer step (3.3M parameters) took
-    2.5 ms instead of 15 ms, and a whole training step of batch 64 35 ms instead of 52 ms."""
+    of a loop over tensors; on a 2-core CPU the conv VAE of configs/vae_mnist.yaml trains 31-49%
+    faster with it (benchmarks/results/throughput.md, "Speed options")."""
     device_types = {parameter.device.type for parameter in parameters}
     return (len(device_types) == 1 and device_types <= set(FUSED_ADAMW_DEVICES)
             and all(parameter.is_floating_point() for parameter in parameters))
