@@ -70,6 +70,8 @@ def test_mnist_download_failure_is_explained(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise RuntimeError("Error downloading train-images-idx3-ubyte.gz: no network")
 
+    # The download is replaced by a failing stand-in, so this runs offline: it checks the message
+    # a user without a network gets, not torchvision's download.
     monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
     with pytest.raises(MNISTDataError, match="download failed.*no network"):
         MNISTDataModule(data_dir=str(tmp_path), download=True).prepare_data()

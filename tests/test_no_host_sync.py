@@ -23,7 +23,7 @@ CONVERSIONS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int
 
 
 class HostSyncError(AssertionError):
-    pass
+    """A tensor-to-host conversion inside training_step (raised by SyncGuard)."""
 
 
 class SyncGuard:
