@@ -37,6 +37,9 @@ class DeviceBatches:
         transform: maps the indexed tensors to the batch (e.g. uint8 images to float in [0, 1]).
         epoch: returns the current epoch when an iteration starts (the Trainer's
             ``current_epoch``); without it, the epoch counts the iterations started so far.
+        progress: returns the batches processed in the current epoch (``loaders.fit_progress``):
+            saved in checkpoints (``state_dict``), so that a fit resumed mid-epoch continues with
+            the batches it had not reached.
     """
 
     def __init__(
@@ -51,6 +54,7 @@ class DeviceBatches:
         device: torch.device | str = "cpu",
         transform: BatchTransform | None = None,
         epoch: Callable[[], int] | None = None,
+        progress: Callable[[], int] | None = None,
     ) -> None:
         if not tensors or any(len(tensor) != len(tensors[0]) for tensor in tensors):
             raise ValueError("tensors must be a non-empty sequence of tensors of the same length")
@@ -73,7 +77,10 @@ class DeviceBatches:
         self.world_size = world_size
         self.transform = transform
         self.epoch = epoch
+        self.progress = progress
         self._iterations_started = 0
+        self._current_epoch = 0
+        self._resume: tuple[int, int] | None = None  # (epoch, batches of it already processed)
 
     @property
     def num_examples(self) -> int:
@@ -106,11 +113,22 @@ class DeviceBatches:
     def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
         epoch = self.epoch() if self.epoch is not None else self._iterations_started
         self._iterations_started += 1
+        self._current_epoch = epoch
         indices = self.shard_indices(epoch)
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
+        resume, self._resume = self._resume, None
+        first = resume[1] if resume is not None and resume[0] == epoch else 0
+        for start in range(first * self.batch_size, len(self) * self.batch_size, self.batch_size):
             batch_indices = indices[start : start + self.batch_size]
             batch = tuple(tensor[batch_indices] for tensor in self.tensors)
             yield self.transform(batch) if self.transform is not None else batch
+
+
+    def state_dict(self) -> dict[str, int]:
+        done = self.progress() if self.progress is not None else 0
+        return {"epoch": self._current_epoch, "batches_done": int(done)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = (int(state["epoch"]), int(state["batches_done"]))
 
 
 def trainer_placement(datamodule) -> tuple[torch.device, int, int, Callable[[], int] | None]:

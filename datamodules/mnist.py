@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
+import zlib
 from pathlib import Path
 
 import lightning as L
@@ -21,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.device import DeviceBatches, trainer_placement
+from datamodules.loaders import PredictBatches, ResumableLoader, fit_progress
 
 MNIST_FILES = {
     # name: (idx magic number, expected shape)
@@ -150,18 +152,39 @@ class MNISTDataModule(L.LightningDataModule):
         return [name for name in MNIST_FILES if not (self.raw_dir / name).is_file()]
 
     def _extract_gzipped(self) -> None:
+        """Extract ``*-ubyte.gz`` files lying in the raw folder. A .gz is called corrupt (and only
+        then is deleting it advised) when gzip itself finds it damaged; a folder that cannot be
+        written, or a read that fails, is reported as such and leaves the file alone."""
         for name in self._missing():
             packed = self.raw_dir / f"{name}.gz"
-            if packed.is_file():
-                try:
-                    with gzip.open(packed, "rb") as src, open(self.raw_dir / name, "wb") as dst:
-                        shutil.copyfileobj(src, dst)
-                except (OSError, EOFError) as error:
-                    (self.raw_dir / name).unlink(missing_ok=True)
-                    raise MNISTDataError(
-                        f"MNIST file {packed} is not a valid gzip file ({error}). "
-                        "Delete it and download it again."
-                    ) from error
+            if not packed.is_file():
+                continue
+            partial = self.raw_dir / f"{name}.partial"
+            try:
+                destination = open(partial, "wb")
+            except OSError as error:
+                raise MNISTDataError(
+                    f"cannot extract {packed}: {partial} cannot be written ({error.strerror or error}); "
+                    "the .gz file was not changed. Make the folder writable, extract the file "
+                    f"there yourself (gunzip -k {packed}), or set data_dir (or LIGHTNING_GEN_DATA) "
+                    "to a writable folder holding MNIST/raw/."
+                ) from error
+            try:
+                with destination, gzip.open(packed, "rb") as source:
+                    shutil.copyfileobj(source, destination)
+            except (gzip.BadGzipFile, EOFError, zlib.error) as error:
+                partial.unlink(missing_ok=True)
+                raise MNISTDataError(
+                    f"MNIST file {packed} is corrupt ({error}). Delete it and download it again "
+                    "(or copy a good copy there)."
+                ) from error
+            except OSError as error:
+                partial.unlink(missing_ok=True)
+                raise MNISTDataError(
+                    f"could not extract {packed} into {self.raw_dir} ({error}); the .gz file was not "
+                    "shown to be corrupt, keep it. Check the disk and permissions, then run again."
+                ) from error
+            partial.replace(self.raw_dir / name)
 
     def prepare_data(self) -> None:
         """Extract or download the raw files (called on one process per node)."""
@@ -173,12 +196,18 @@ class MNISTDataModule(L.LightningDataModule):
             raise MNISTDataError(_missing_files_message(self.raw_dir, missing, "download=False"))
         from torchvision.datasets import MNIST
 
+        folders = [self.data_dir, self.data_dir / "MNIST", self.raw_dir]
+        created = [folder for folder in folders if not folder.exists()]
         try:
             MNIST(str(self.data_dir), train=True, download=True)
             MNIST(str(self.data_dir), train=False, download=True)
         except Exception as error:  # torchvision raises several kinds when offline
+            missing = self._missing()
+            for folder in reversed(created):  # leave no empty folders behind
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
             raise MNISTDataError(
-                _missing_files_message(self.raw_dir, self._missing(), f"download failed: {error}")
+                _missing_files_message(self.raw_dir, missing, f"download failed: {error}")
             ) from error
 
     def _load(self, train: bool) -> ImageTensorDataset:
@@ -203,21 +232,20 @@ class MNISTDataModule(L.LightningDataModule):
             self.test_set = self._load(train=False)
 
     def _loader(self, dataset: ImageTensorDataset, shuffle: bool) -> DataLoader | DeviceBatches:
+        device, rank, world_size, epoch = trainer_placement(self)
         if self.device_resident:
-            device, rank, world_size, epoch = trainer_placement(self)
             return DeviceBatches(
                 (dataset.images, dataset.labels), self.batch_size, shuffle=shuffle, drop_last=shuffle,
                 seed=self.split_seed, rank=rank, world_size=world_size, device=device,
-                transform=images_to_batch, epoch=epoch,
+                transform=images_to_batch, epoch=epoch, progress=fit_progress(self) if shuffle else None,
             )
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            drop_last=shuffle,
-        )
+        if shuffle:
+            return ResumableLoader(dataset, self.batch_size, seed=self.split_seed, rank=rank,
+                                   num_replicas=world_size, progress=fit_progress(self),
+                                   num_workers=self.num_workers,
+                                   persistent_workers=self.num_workers > 0)
+        return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader | DeviceBatches:
         return self._loader(self.train_set, shuffle=True)
@@ -228,12 +256,14 @@ class MNISTDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader | DeviceBatches:
         return self._loader(self.test_set, shuffle=False)
 
-    def predict_dataloader(self) -> DataLoader:
+    def predict_dataloader(self) -> PredictBatches:
         count = self.num_predict_samples
         if count > len(self.test_set):
             raise ValueError(
                 f"num_predict_samples must be <= {len(self.test_set)} (the test set), got {count}"
             )
-        subset = ImageTensorDataset(self.test_set.images[:count], self.test_set.labels[:count])
-        # Prediction only reads the batch size (and labels) to generate: a plain loader suffices.
-        return DataLoader(subset, batch_size=self.batch_size)
+        # Prediction reads only the batch size and the labels (which conditional models draw).
+        _, rank, world_size, _ = trainer_placement(self)
+        return PredictBatches((self.test_set.images[:count], self.test_set.labels[:count]),
+                              self.batch_size, rank=rank, world_size=world_size,
+                              transform=images_to_batch)

@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from datamodules.device import DeviceBatches, trainer_placement
+from datamodules.loaders import PredictBatches, ResumableLoader, fit_progress
 
 Sampler = Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
@@ -191,12 +192,15 @@ class ToyDataModule(L.LightningDataModule):
             self.test_set = TensorDataset(*sample_toy(self.name, self.num_test, self.seed + 2))
 
     def _loader(self, dataset: TensorDataset, shuffle: bool) -> DataLoader | DeviceBatches:
+        device, rank, world_size, epoch = trainer_placement(self)
         if self.device_resident:
-            device, rank, world_size, epoch = trainer_placement(self)
             return DeviceBatches(dataset.tensors, self.batch_size, shuffle=shuffle, drop_last=shuffle,
                                  seed=self.seed, rank=rank, world_size=world_size, device=device,
-                                 epoch=epoch)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, drop_last=shuffle)
+                                 epoch=epoch, progress=fit_progress(self) if shuffle else None)
+        if shuffle:
+            return ResumableLoader(dataset, self.batch_size, seed=self.seed, rank=rank,
+                                   num_replicas=world_size, progress=fit_progress(self))
+        return DataLoader(dataset, batch_size=self.batch_size)
 
     def train_dataloader(self) -> DataLoader | DeviceBatches:
         return self._loader(self.train_set, shuffle=True)
@@ -207,7 +211,8 @@ class ToyDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader | DeviceBatches:
         return self._loader(self.test_set, shuffle=False)
 
-    def predict_dataloader(self) -> DataLoader:
+    def predict_dataloader(self) -> PredictBatches:
         # Conditional models take the labels of these points; others only count them.
         points = sample_toy(self.name, self.num_predict_samples, self.seed + 3)
-        return DataLoader(TensorDataset(*points), batch_size=self.batch_size)
+        _, rank, world_size, _ = trainer_placement(self)
+        return PredictBatches(points, self.batch_size, rank=rank, world_size=world_size)

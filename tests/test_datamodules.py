@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,7 +47,11 @@ def test_mnist_predict_loader_yields_test_prefix(mnist_root):
     data = MNISTDataModule(data_dir=str(mnist_root), batch_size=5, num_predict_samples=12, download=False)
     data.setup("predict")
     batches = list(data.predict_dataloader())
-    assert sum(len(x) for x, _ in batches) == 12
+    assert [len(x) for x, _, _ in batches] == [5, 5, 2]
+    index = torch.cat([index for _, _, index in batches])
+    assert torch.equal(index, torch.arange(12))  # the global indices of the test prefix
+    x, y, _ = batches[1]
+    assert torch.equal(y, data.test_set.labels[5:10]) and x.dtype == torch.float32 and x.max() <= 1
     too_many = MNISTDataModule(data_dir=str(mnist_root), num_predict_samples=20000, download=False)
     too_many.setup("predict")
     with pytest.raises(ValueError, match="num_predict_samples must be <= 10000"):
@@ -120,8 +125,46 @@ def test_mnist_corrupt_gzip_gives_clear_error(tmp_path):
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)
     (raw / "train-images-idx3-ubyte.gz").write_bytes(b"not a gzip file")
-    with pytest.raises(MNISTDataError, match="not a valid gzip file"):
+    with pytest.raises(MNISTDataError, match="is corrupt .* Delete it"):
         MNISTDataModule(data_dir=str(tmp_path), download=False).prepare_data()
+
+
+def test_mnist_unwritable_folder_is_not_called_corrupt(mnist_root, tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    name = "train-images-idx3-ubyte"
+    with open(mnist_root / "MNIST" / "raw" / name, "rb") as src, gzip.open(raw / f"{name}.gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    good = (raw / f"{name}.gz").read_bytes()
+    # The extraction target cannot be created (a folder stands in its way): as a read-only folder
+    # would refuse it, but also for root, who ignores permission bits.
+    (raw / f"{name}.partial").mkdir()
+    with pytest.raises(MNISTDataError) as error:
+        MNISTDataModule(data_dir=str(tmp_path), download=False).prepare_data()
+    message = str(error.value)
+    assert "cannot be written" in message and "Delete" not in message and "corrupt" not in message
+    assert (raw / f"{name}.gz").read_bytes() == good
+
+
+def test_mnist_failed_download_leaves_no_empty_folders(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    def offline(root, *args, **kwargs):  # as torchvision does: the folders first, then the fetch
+        (Path(root) / "MNIST" / "raw").mkdir(parents=True, exist_ok=True)
+        raise RuntimeError("no network")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
+    nowhere = tmp_path / "nowhere"
+    with pytest.raises(MNISTDataError, match="download failed"):
+        MNISTDataModule(data_dir=str(nowhere), download=True).prepare_data()
+    assert not nowhere.exists()
+
+
+def test_mnist_val_size_leaving_less_than_a_batch_fails_before_training(mnist_root):
+    data = MNISTDataModule(data_dir=str(mnist_root), val_size=59999, batch_size=128, download=False)
+    data.setup("fit")
+    with pytest.raises(ValueError, match="less than one batch"):
+        data.train_dataloader()
 
 
 def test_mnist_data_dir_defaults_to_environment(monkeypatch, tmp_path):
@@ -179,3 +222,38 @@ def test_checkerboard_is_uniform_on_dark_squares():
     row = torch.floor(x[:, 1] / 2) + 2
     assert ((column + row) % 2 == 0).all()  # only the squares of one colour are ever hit
     assert torch.bincount(square, minlength=8).min() > 4500
+
+
+def test_predict_batches_deal_whole_batches_to_ranks():
+    from datamodules.loaders import PredictBatches
+
+    points = torch.arange(11.0)[:, None]
+    ranks = [list(PredictBatches((points,), 4, rank=rank, world_size=2)) for rank in range(2)]
+    assert [index.tolist() for _, index in ranks[0]] == [[0, 1, 2, 3], [8, 9, 10]]
+    assert [index.tolist() for _, index in ranks[1]] == [[4, 5, 6, 7]]
+    # a rank without a batch of the grid yields one empty batch, so it still joins the gathering
+    alone = list(PredictBatches((points,), 16, rank=1, world_size=2))
+    assert len(alone) == 1 and len(alone[0][0]) == 0
+
+
+def test_resumable_loader_continues_an_epoch_where_it_stopped():
+    from torch.utils.data import TensorDataset
+
+    from datamodules.loaders import ResumableLoader
+
+    data = TensorDataset(torch.arange(40))
+    done = {"batches": 0}
+    loader = ResumableLoader(data, batch_size=4, seed=3, progress=lambda: done["batches"])
+    loader.sampler.set_epoch(2)
+    whole = [batch[0].tolist() for batch in loader]
+    done["batches"] = 3
+    state = loader.state_dict()
+    assert state == {"epoch": 2, "batches_done": 3}
+    resumed = ResumableLoader(data, batch_size=4, seed=3)
+    resumed.load_state_dict(state)
+    resumed.sampler.set_epoch(2)
+    assert [batch[0].tolist() for batch in resumed] == whole[3:]
+    assert [batch[0].tolist() for batch in resumed] == whole  # the next pass is whole again
+    before = torch.get_rng_state()
+    iter(resumed)
+    assert torch.equal(torch.get_rng_state(), before)  # starting an epoch draws nothing global
