@@ -3,7 +3,7 @@
 The same command is installed as ``lightning-gen``. See lightning_gen/cli.py.
 """
 
-from lightning_gen.cli import main
+from lightning_gen.cli import console_main
 
 if __name__ == "__main__":
-    main()
+    console_main()

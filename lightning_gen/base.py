@@ -7,7 +7,14 @@ The contract (see README "The contract"):
 - ``sample(num_samples, **options)`` returns a tensor of shape (num_samples, *data_shape) on the
   model's device, in data space, reproducible under ``torch.manual_seed``.
 - ``predict_step`` returns samples, one per example of the predict batch, so ``cli.py predict`` is
-  generation; conditional models take the batch's labels.
+  generation; conditional models take the batch's labels. A predict batch ``(x, y, index)`` that
+  carries the global indices of its examples (as the project's data modules yield it) is drawn
+  under a seed derived from the run's seed and ``index[0]``, so every batch, on every rank, draws
+  different samples, and the samples of a seed do not depend on the number of processes.
+- Constructor arguments that only change sampling or evaluation (``EVALUATION_OPTIONS``: the
+  ``predict_*`` options, the VAE's importance-sample counts, ...) are not saved as
+  hyperparameters: a checkpoint holds the model, and ``cli.py predict/test --ckpt_path`` takes
+  these options from the config and the command line.
 - Models with a likelihood define ``log_prob(x) -> Tensor[B]`` in nats per example, for ``x`` as
   the data module yields it; ``log_likelihood_metrics`` logs it as ``{stage}/nll`` and
   ``{stage}/bpd``.
@@ -19,16 +26,33 @@ The contract (see README "The contract"):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import Tensor
 
 from lightning_gen.metrics.likelihood import bits_per_dim
 
 LR_SCHEDULES = ("constant", "cosine")
+# Keys this project adds to every checkpoint it writes.
+CLASS_KEY = "lightning_gen_class"
+RNG_KEY = "lightning_gen_rng_states"
+
+
+class DivergenceError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint holds a model of another class than the one it is loaded into."""
+
+
+def class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 class GenerativeModule(L.LightningModule):
@@ -41,6 +65,13 @@ class GenerativeModule(L.LightningModule):
         lr_schedule: ``"constant"`` or ``"cosine"`` (cosine decay to 0 over the whole fit).
         warmup_steps: linear warm-up from 0 over this many optimizer steps.
     """
+
+    #: Constructor arguments that only change sampling or evaluation: left out of the checkpoint's
+    #: hyperparameters (``save_hyperparameters(ignore=...)``), so that LightningCLI, which lays a
+    #: checkpoint's hyperparameters over the command line, lets the command line decide them.
+    EVALUATION_OPTIONS: ClassVar[tuple[str, ...]] = ()
+    #: Number of class labels of a class-conditional model; None: unconditional.
+    num_classes: int | None = None
 
     def __init__(
         self,
@@ -69,6 +100,11 @@ class GenerativeModule(L.LightningModule):
         self.weight_decay = weight_decay
         self.lr_schedule = lr_schedule
         self.warmup_steps = warmup_steps
+        # The first training step whose loss was not finite (-1: none), kept on the device so that
+        # watching the loss adds no host sync; read at the logging interval and before saving.
+        self._first_nonfinite_step: Tensor | None = None
+        self._rng_states_to_restore: dict[str, Any] | None = None
+        self._predict_seed = 0
 
     # ----------------------------------------------------------------------------- data helpers
     @property
@@ -105,7 +141,9 @@ class GenerativeModule(L.LightningModule):
         raise NotImplementedError(f"{type(self).__name__} does not implement _shared_step()")
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "train")
+        loss = self._shared_step(batch, "train")
+        self.watch_loss(loss)
+        return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self._shared_step(batch, "val")
@@ -118,9 +156,117 @@ class GenerativeModule(L.LightningModule):
         """Draw ``num_samples`` examples in data space: (num_samples, *data_shape)."""
         raise NotImplementedError(f"{type(self).__name__} does not implement sample()")
 
+    def predict_options(self) -> dict[str, Any]:
+        """Keyword arguments of ``sample`` that ``predict`` uses (the family's ``predict_*``)."""
+        return {}
+
+    def predict_samples(self, x: Tensor, y: Tensor | None) -> Tensor:
+        """The samples of one predict batch: ``len(x)`` draws with ``predict_options``;
+        class-conditional models draw the batch's labels ``y``."""
+        labels = {"y": y} if self.num_classes is not None else {}
+        return self.sample(len(x), **self.predict_options(), **labels)
+
+    def on_predict_start(self) -> None:
+        # The run's seed (seed_everything's, the same on every rank), read before any batch
+        # reseeds the generator.
+        self._predict_seed = torch.initial_seed()
+
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, _ = batch
-        return self.sample(len(x))
+        x, y, index = unpack_predict_batch(batch)
+        if len(x) == 0:  # a rank left without examples (see datamodules.PredictBatches)
+            return torch.empty(0, *self.data_shape, device=self.device)
+        if index is None:
+            return self.predict_samples(x, y)
+        with self.seeded_rng(self._predict_seed, int(index[0])):
+            return self.predict_samples(x, y)
+
+    @contextmanager
+    def seeded_rng(self, seed: int, offset: int) -> Iterator[None]:
+        """Draw under a seed made of ``seed`` and ``offset``, leaving the global RNG as it was."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed((seed * 1_000_003 + offset) % (2**63 - 1))
+            yield
+
+    def setup(self, stage: str) -> None:
+        # A conditional model must know every label of its data: a label >= num_classes would be
+        # an index error deep in an embedding, or silently the null label of classifier-free
+        # guidance. Checked here, before any step, against the data module's class count.
+        data_classes = getattr(getattr(self.trainer, "datamodule", None), "num_classes", None)
+        if self.num_classes is not None and data_classes is not None and data_classes > self.num_classes:
+            raise ValueError(
+                f"the data has {data_classes} classes (labels 0..{data_classes - 1}) but "
+                f"{type(self).__name__} was built with num_classes={self.num_classes}: set "
+                f"--model.init_args.num_classes {data_classes}"
+            )
+
+    # ------------------------------------------------------------------------------ divergence
+    def watch_loss(self, loss: Tensor) -> None:
+        """Remember the first training step whose loss is NaN or infinite (no host sync)."""
+        if self._first_nonfinite_step is None or self._first_nonfinite_step.device != loss.device:
+            self._first_nonfinite_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+        first = self._first_nonfinite_step
+        first.masked_fill_(~torch.isfinite(loss.detach()).all() & (first < 0), self.global_step)
+
+    def check_finite_training(self) -> None:
+        """Raise DivergenceError when a training loss was not finite (one host sync)."""
+        if self._first_nonfinite_step is None:
+            return
+        step = int(self._first_nonfinite_step)
+        if step < 0:
+            return
+        raise DivergenceError(
+            f"training diverged: the loss of {type(self).__name__} became NaN or infinite at step "
+            f"{step} (learning rate {self.learning_rate:g}). Lower the learning rate, add gradient "
+            "clipping (--trainer.gradient_clip_val 1.0) or train in 32-true precision; if the data "
+            "can hold NaN or inf, clean it. No checkpoint was saved after that step."
+        )
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # At the logging interval, where logging reads values from the device anyway.
+        interval = max(int(getattr(self.trainer, "log_every_n_steps", 50) or 50), 1)
+        if self.global_step % interval == 0:
+            self.check_finite_training()
+
+    def on_train_epoch_end(self) -> None:
+        self.check_finite_training()
+
+    def on_train_end(self) -> None:
+        self.check_finite_training()
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Never write weights of a diverged run (a good last.ckpt stays as it was).
+        self.check_finite_training()
+        finite = torch.stack([parameter.detach().isfinite().all() for parameter in self.parameters()])
+        if not bool(finite.all()):
+            raise DivergenceError(
+                f"{type(self).__name__} has NaN or infinite weights; the checkpoint was not saved. "
+                "Lower the learning rate or add gradient clipping (--trainer.gradient_clip_val 1.0)."
+            )
+        checkpoint[CLASS_KEY] = class_path(type(self))
+        # The random state, so that a resumed fit draws what the uninterrupted one would have
+        # (restored when training starts, after anything that runs before it has drawn).
+        states = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            states["cuda"] = torch.cuda.get_rng_state_all()
+        checkpoint[RNG_KEY] = states
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get(CLASS_KEY)
+        if saved is not None and saved != class_path(type(self)):
+            raise CheckpointMismatchError(
+                f"the checkpoint holds a {saved} model, not a {class_path(type(self))}: load it "
+                f"with the class it was trained as"
+            )
+        self._rng_states_to_restore = checkpoint.get(RNG_KEY)
+
+    def on_train_start(self) -> None:
+        states, self._rng_states_to_restore = self._rng_states_to_restore, None
+        if states is not None and self.trainer.ckpt_path is not None:  # resuming a fit
+            torch.set_rng_state(states["torch"])
+            if "cuda" in states and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(states["cuda"])
 
     # ---------------------------------------------------------------------------------- logging
     def log_metric(self, stage: str, name: str, value: Tensor, batch_size: int | None = None,
@@ -158,7 +304,7 @@ class GenerativeModule(L.LightningModule):
         return [parameter for parameter in self.parameters() if parameter.requires_grad]
 
     def configure_optimizers(self) -> Any:
-        optimizer = adamw(self.optimizer_parameters(), lr=self.learning_rate,
+        optimizer = adamw(self.optimizer_parameters(), trainer=self.trainer, lr=self.learning_rate,
                           weight_decay=self.weight_decay)
         if self.lr_schedule == "constant" and self.warmup_steps == 0:
             return optimizer
@@ -187,10 +333,38 @@ def use_fused_adamw(parameters: Sequence[Tensor]) -> bool:
             and all(parameter.is_floating_point() for parameter in parameters))
 
 
-def adamw(parameters, **options: Any) -> torch.optim.AdamW:
-    """``torch.optim.AdamW``, fused where ``use_fused_adamw`` says so (every family's optimizer)."""
+def clips_unscaled_gradients(trainer: L.Trainer | None) -> bool:
+    """Whether the Trainer clips gradients under a mixed-precision plugin: Lightning then refuses
+    an optimizer that unscales gradients inside its step (fused AdamW), even in bf16 where there
+    is no scale, so such runs need the unfused optimizer."""
+    if trainer is None:
+        return False
+    return bool(trainer.gradient_clip_val) and isinstance(trainer.precision_plugin, MixedPrecision)
+
+
+def adamw(parameters, trainer: L.Trainer | None = None, **options: Any) -> torch.optim.AdamW:
+    """``torch.optim.AdamW``, fused where ``use_fused_adamw`` says so and the Trainer allows it
+    (every family's optimizer)."""
     parameters = list(parameters)
-    return torch.optim.AdamW(parameters, fused=use_fused_adamw(parameters) or None, **options)
+    fused = use_fused_adamw(parameters) and not clips_unscaled_gradients(trainer)
+    return torch.optim.AdamW(parameters, fused=fused or None, **options)
+
+
+def check_temperature(temperature: float, name: str = "temperature") -> float:
+    if not temperature > 0:
+        raise ValueError(f"{name} must be > 0, got {temperature}")
+    return temperature
+
+
+def unpack_predict_batch(batch: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``(x, y)`` or ``(x, y, index)`` -> (x, y, index); a bare tensor is ``x``."""
+    if isinstance(batch, Tensor):
+        return batch, None, None
+    if len(batch) == 2:
+        return batch[0], batch[1], None
+    if len(batch) == 3:
+        return batch[0], batch[1], batch[2]
+    raise ValueError(f"a predict batch is x, (x, y) or (x, y, index), got {len(batch)} items")
 
 
 def learning_rate_factor(schedule: str, warmup_steps: int, total_steps: int):

@@ -12,21 +12,50 @@ Wasserstein of 2-D models). The last two run after ``test`` by default, so ``cli
 every metric that applies to the model; ``--image_quality.every_n_epochs N`` adds them to
 validation. The model's ``data_shape`` is taken from the data module, so any image model runs on
 MNIST and any vector model on the toy data unchanged.
+
+What the command line guarantees (a run does what its command says, or stops):
+- ``--ckpt_path`` must name a readable checkpoint of the class the config asks for; ``predict``
+  needs one (without it the samples would come from an untrained model).
+- Options that only change evaluation or sampling (``EVALUATION_OPTIONS`` of each model) come from
+  the config and the command line, never from the checkpoint.
+- SIGTERM (a scheduler's stop, ``timeout``) saves a resumable ``last.ckpt`` at the next batch
+  boundary and exits with status 143; a step that does not end within ``LIGHTNING_GEN_TERM_GRACE``
+  seconds (default 60) is cut short, exiting 143 all the same.
+- A mistake in the options or the data ends the run with a one-line ``error: ...`` and status 1;
+  ``LIGHTNING_GEN_TRACEBACK=1`` shows the full traceback instead.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+import pickle
+import signal
+import sys
+import threading
 from pathlib import Path
+from typing import Any
 
+import torch
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import datamodules  # noqa: F401  (registers the data modules for --data NAME)
 import lightning_gen  # noqa: F401  (registers the models for --model NAME)
 import lightning_gen.metrics  # noqa: F401  (registers MNISTClassifier)
+from lightning_gen.base import CLASS_KEY
 from lightning_gen.callbacks import (
-    ImageQualityMetrics, PredictionWriter, SampleDistanceMetrics, SampleLogger,
+    CheckpointOnTerminate, ImageQualityMetrics, PredictionWriter, SampleDistanceMetrics, SampleLogger,
 )
+
+# Exit status after SIGTERM: 128 + 15, as a shell reports a process the signal ended.
+SIGTERM_EXIT_STATUS = 143
+# Checkpoint names that the Trainer resolves itself.
+SPECIAL_CHECKPOINTS = ("last", "best", "hpc", "registry")
+
+
+class CLIError(ValueError):
+    """A command that cannot do what it says; the message says what to change."""
 
 
 def default_wandb_mode() -> None:
@@ -42,13 +71,93 @@ def default_wandb_mode() -> None:
         os.environ["WANDB_MODE"] = "offline"
 
 
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint file with torch's weights-only unpickler (which runs no code a file
+    carries); raise CLIError naming the file when it is not a readable checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise CLIError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CLIError(f"{path} is not a readable checkpoint: it is corrupt, or holds Python objects "
+                       "other than tensors and plain values, which are never unpickled (unpickling "
+                       "can run code the file carries)") from error
+    except EOFError as error:
+        raise CLIError(f"{path} is not a readable checkpoint: it is empty or truncated") from error
+    except Exception as error:  # not a torch file at all, or damaged inside
+        first_line = (str(error).splitlines() or [""])[0]
+        raise CLIError(f"{path} is not a readable checkpoint ({type(error).__name__}: {first_line})") from error
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CLIError(f"{path} is not a Lightning checkpoint (it has no state_dict)")
+    return checkpoint
+
+
+def checkpoint_class(checkpoint: dict[str, Any]) -> str | None:
+    """The class path of the model a checkpoint holds, where it says."""
+    saved = checkpoint.get(CLASS_KEY)
+    if saved is None:
+        saved = checkpoint.get("hyper_parameters", {}).get("_class_path")
+    return saved
+
+
+def resolve_class(path: str) -> type | None:
+    module_name, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
 class GenerativeCLI(LightningCLI):
+    def parse_arguments(self, parser, args) -> None:
+        """Parse, then check ``--ckpt_path`` before LightningCLI lays the checkpoint's
+        hyperparameters over the command line (which would also swap the model's class)."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand is None:
+            return
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        if ckpt_path is None:
+            if subcommand == "predict":
+                raise CLIError("predict needs trained weights: pass --ckpt_path PATH (or --ckpt_path "
+                               "last, the newest last.ckpt of the config's ModelCheckpoint)")
+            return
+        if str(ckpt_path) in SPECIAL_CHECKPOINTS:
+            return
+        checkpoint = read_checkpoint(ckpt_path)
+        saved = checkpoint_class(checkpoint)
+        wanted = (self.config[subcommand].get("model") or {}).get("class_path")
+        if saved is None or wanted is None:
+            return
+        saved_class, wanted_class = resolve_class(saved), resolve_class(wanted)
+        if saved_class is not wanted_class:
+            raise CLIError(f"checkpoint {ckpt_path} holds a {saved} model, but the command asks for "
+                           f"{wanted}: use the config it was trained with (or --model "
+                           f"{saved.rpartition('.')[2]})")
+
+    def before_fit(self) -> None:
+        """A checkpoint folder that cannot be written would fail only after the first epoch, which
+        would be lost: check each one now."""
+        for callback in self.trainer.checkpoint_callbacks:
+            folder = getattr(callback, "dirpath", None)
+            if folder is not None:
+                check_writable(Path(folder))
+
+    def before_predict(self) -> None:
+        ckpt_path = self.config_init["predict"].get("ckpt_path")
+        if ckpt_path == "last" and not last_checkpoints(self.trainer):
+            folders = [str(callback.dirpath) for callback in self.trainer.checkpoint_callbacks]
+            raise CLIError(f"--ckpt_path last: no last*.ckpt in {folders or 'any checkpoint folder'}; "
+                           "fit first, or pass --ckpt_path PATH")
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.data_shape", "model.init_args.data_shape", apply_on="instantiate")
         parser.add_lightning_class_args(SampleLogger, "sample_logger")
         parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
         parser.add_lightning_class_args(ImageQualityMetrics, "image_quality")
         parser.add_lightning_class_args(SampleDistanceMetrics, "sample_distance")
+        parser.add_lightning_class_args(CheckpointOnTerminate, "checkpoint_on_terminate")
         # Sampling thousands of examples after every validation would slow every fit (PixelCNN and
         # diffusion sample step by step): by default the quality metrics run after test only.
         parser.set_defaults({"image_quality.every_n_epochs": 0, "sample_distance.every_n_epochs": 0})
@@ -74,5 +183,88 @@ def main(args: list[str] | None = None, run: bool = True) -> GenerativeCLI:
     )
 
 
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` if needed and write a probe file into it; CLIError if that fails."""
+    probe = folder / ".write_check"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise CLIError(f"checkpoint folder {folder} cannot be written ({error.strerror or error}): "
+                       "choose another dirpath for ModelCheckpoint (--trainer.callbacks...) or fix "
+                       "its permissions") from error
+
+
+def last_checkpoints(trainer) -> list[Path]:
+    """The last*.ckpt files in the folders of the Trainer's ModelCheckpoint callbacks."""
+    found = []
+    for callback in trainer.checkpoint_callbacks:
+        folder = getattr(callback, "dirpath", None)
+        if folder is not None and Path(folder).is_dir():
+            found.extend(Path(folder).glob("last*.ckpt"))
+    return found
+
+
+def install_termination_deadline() -> None:
+    """Make SIGTERM end the process with status 143, whatever it is doing.
+
+    While a Trainer runs, Lightning's handler (registered when the run starts, and calling this
+    one too) stops the run at the next batch boundary, where CheckpointOnTerminate saves
+    last.ckpt; this one gives that ``LIGHTNING_GEN_TERM_GRACE`` seconds (default 60) and then
+    exits at once. Outside a run (parsing, data preparation) it exits at once."""
+    grace = float(os.environ.get("LIGHTNING_GEN_TERM_GRACE", "60"))
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum, frame) -> None:
+        if signal.getsignal(signal.SIGTERM) is on_sigterm:  # no Trainer is running
+            sys.exit(SIGTERM_EXIT_STATUS)
+
+        def cut_short() -> None:
+            sys.stderr.write(f"error: SIGTERM: the run did not stop within {grace:g} s "
+                             "(LIGHTNING_GEN_TERM_GRACE); exiting without a checkpoint\n")
+            sys.stderr.flush()
+            os._exit(SIGTERM_EXIT_STATUS)
+
+        timer = threading.Timer(grace, cut_short)
+        timer.daemon = True
+        timer.start()
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def error_message(error: BaseException) -> str:
+    """What to tell the user: the message of the project's own error in the chain (it names the
+    file or option and what to change), else of the error that started the chain (jsonargparse
+    wraps a model's ValueError in its own, whose text repeats the whole namespace)."""
+    chain = [error]
+    while chain[-1].__cause__ is not None or (chain[-1].__context__ is not None
+                                              and not chain[-1].__suppress_context__):
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    own = [item for item in chain if type(item).__module__.split(".")[0] in ("lightning_gen", "datamodules")]
+    chosen = own[0] if own else chain[-1]
+    return str(chosen) or type(chosen).__name__
+
+
+def console_main(args: list[str] | None = None) -> None:
+    """``cli.py`` and the ``lightning-gen`` command: ``main`` with errors as one line and exit
+    statuses a scheduler can trust (see the module docstring)."""
+    install_termination_deadline()
+    try:
+        main(args)
+    except SIGTERMException:
+        sys.stderr.write("error: stopped by SIGTERM (last.ckpt saved where a ModelCheckpoint "
+                         "folder is set; resume with fit --ckpt_path last)\n")
+        sys.exit(SIGTERM_EXIT_STATUS)
+    except Exception as error:  # noqa: BLE001 (every failure ends as one line and status 1)
+        if os.environ.get("LIGHTNING_GEN_TRACEBACK", "") not in ("", "0"):
+            raise
+        sys.stderr.write(f"error: {error_message(error)}\n"
+                         "(set LIGHTNING_GEN_TRACEBACK=1 for the full traceback)\n")
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    main()
+    console_main()

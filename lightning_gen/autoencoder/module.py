@@ -9,12 +9,13 @@ and z z^T, all-reduced across DDP ranks) and stored in buffers, so it travels wi
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_gen.base import GenerativeModule
+from lightning_gen.base import GenerativeModule, check_temperature
 from lightning_gen.nn.encoders import build_decoder, build_encoder
 
 RECONSTRUCTION_LOSSES = ("bce", "mse")
@@ -32,8 +33,12 @@ class Autoencoder(GenerativeModule):
         base_channels: channels of the first convolution (conv only).
         reconstruction_loss: ``"bce"`` (images in [0, 1]; decoder outputs logits) or ``"mse"``.
             Both are summed over dimensions and averaged over the batch.
+        predict_temperature: temperature of the samples ``predict`` draws (see ``sample``); not
+            saved as a hyperparameter, so the command line sets it at ``predict --ckpt_path``.
         learning_rate, weight_decay, lr_schedule, warmup_steps: see GenerativeModule.
     """
+
+    EVALUATION_OPTIONS = ("predict_temperature",)
 
     def __init__(
         self,
@@ -43,13 +48,15 @@ class Autoencoder(GenerativeModule):
         hidden_dims: Sequence[int] = (512, 256),
         base_channels: int = 32,
         reconstruction_loss: str = "bce",
+        predict_temperature: float = 1.0,
         learning_rate: float = 1e-3,
         weight_decay: float = 0.0,
         lr_schedule: str = "constant",
         warmup_steps: int = 0,
     ) -> None:
         super().__init__(data_shape, learning_rate, weight_decay, lr_schedule, warmup_steps)
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=self.EVALUATION_OPTIONS)
+        self.predict_temperature = check_temperature(predict_temperature, "predict_temperature")
         if latent_dim < 1:
             raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
         if not hidden_dims:
@@ -121,6 +128,7 @@ class Autoencoder(GenerativeModule):
         self._code_outer_sum.zero_()
 
     def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
         count = self.trainer.strategy.reduce(self._code_count, reduce_op="sum")
         code_sum = self.trainer.strategy.reduce(self._code_sum, reduce_op="sum")
         outer_sum = self.trainer.strategy.reduce(self._code_outer_sum, reduce_op="sum")
@@ -143,8 +151,10 @@ class Autoencoder(GenerativeModule):
     def sample(self, num_samples: int, temperature: float = 1.0) -> Tensor:
         """Decode codes drawn from the Gaussian fitted to the training codes (scaled by temperature)."""
         self.check_num_samples(num_samples)
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        check_temperature(temperature)
         eps = torch.randn(num_samples, self.latent_dim, device=self.device)  # (N, latent_dim)
         z = self.latent_mean + temperature * eps @ self.latent_scale_tril.T
         return self.decode(z)
+
+    def predict_options(self) -> dict[str, Any]:
+        return {"temperature": self.predict_temperature}

@@ -36,10 +36,6 @@ from lightning_gen.autoregressive.nets import PixelCNNNet, PixelTransformerNet
 from lightning_gen.base import GenerativeModule
 
 PREDICT_MODES = ("sample", "complete")
-# Options of `predict` only: kept out of the checkpoint's hyperparameters, so that
-# `cli.py predict --ckpt_path ... --model.init_args.predict_mode complete` takes effect (the CLI
-# lets a checkpoint's hyperparameters override the command line).
-PREDICT_OPTIONS = ["predict_mode", "predict_given_rows", "predict_temperature"]
 
 
 class AutoregressiveModule(GenerativeModule):
@@ -56,7 +52,12 @@ class AutoregressiveModule(GenerativeModule):
         predict_given_rows: rows given in ``"complete"`` mode; None: the top half.
         predict_temperature: temperature of the samples ``predict`` draws.
         learning_rate, weight_decay, lr_schedule, warmup_steps: see GenerativeModule.
+
+    The ``predict_*`` options are not saved as hyperparameters, so that
+    ``cli.py predict --ckpt_path ... --model.init_args.predict_mode complete`` takes effect.
     """
+
+    EVALUATION_OPTIONS = ("predict_mode", "predict_given_rows", "predict_temperature")
 
     def __init__(
         self,
@@ -281,13 +282,16 @@ class AutoregressiveModule(GenerativeModule):
         return self.levels_to_images(self.sample_levels(levels, given.to(self.device), y,
                                                         temperature, **options))
 
-    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, y = batch
-        y = y if self.num_classes is not None else None
+    def predict_options(self) -> dict[str, Any]:
+        return {"temperature": self.predict_temperature}
+
+    def predict_samples(self, x: Tensor, y: Tensor | None) -> Tensor:
+        """``predict_mode="complete"``: keep the top rows of the batch's images, sample the rest."""
         if self.predict_mode == "complete":
-            return self.complete(x, num_given_rows=self.predict_given_rows,
-                                 temperature=self.predict_temperature, y=y)
-        return self.sample(len(x), temperature=self.predict_temperature, y=y)
+            y = y if self.num_classes is not None else None
+            return self.complete(x, num_given_rows=self.predict_given_rows, y=y,
+                                 **self.predict_options())
+        return super().predict_samples(x, y)
 
 
 class PixelCNN(AutoregressiveModule):
@@ -332,7 +336,7 @@ class PixelCNN(AutoregressiveModule):
     ) -> None:
         super().__init__(data_shape, num_levels, num_classes, predict_mode, predict_given_rows,
                          predict_temperature, learning_rate, weight_decay, lr_schedule, warmup_steps)
-        self.save_hyperparameters(ignore=PREDICT_OPTIONS)
+        self.save_hyperparameters(ignore=self.EVALUATION_OPTIONS)
         channels = self.data_shape[0]
         for name, value in [("hidden_channels", hidden_channels), ("num_layers", num_layers),
                             ("head_channels", head_channels)]:
@@ -396,7 +400,7 @@ class PixelTransformer(AutoregressiveModule):
     ) -> None:
         super().__init__(data_shape, num_levels, num_classes, predict_mode, predict_given_rows,
                          predict_temperature, learning_rate, weight_decay, lr_schedule, warmup_steps)
-        self.save_hyperparameters(ignore=PREDICT_OPTIONS)
+        self.save_hyperparameters(ignore=self.EVALUATION_OPTIONS)
         for name, value in [("model_dim", model_dim), ("num_layers", num_layers),
                             ("num_heads", num_heads)]:
             if value < 1:

@@ -65,9 +65,17 @@ class Diffusion(GenerativeModule):
         clip_denoised: clip the predicted x_0 to [-1, 1] while sampling (default: True for images,
             False for vectors, whose range is not bounded).
         predict_sampler, predict_steps, predict_eta: what ``predict`` (and the default ``sample``)
-            uses: DDIM with eta = 0 and ``predict_steps`` steps (None: 50, or T when T < 50).
+            uses: DDIM with eta = 0 and ``predict_steps`` steps (None: 50, or T when T < 50);
+            eta in [0, 1] (0: deterministic, 1: the DDPM posterior's variance).
+
+    ``guidance_scale``, ``clip_denoised`` and the ``predict_*`` options change sampling only: they
+    are not saved as hyperparameters, so ``cli.py predict --ckpt_path ...`` takes them from the
+    config and the command line, and ``load_from_checkpoint(path, guidance_scale=2.0)`` sets them.
         learning_rate, weight_decay, lr_schedule, warmup_steps: see GenerativeModule.
     """
+
+    EVALUATION_OPTIONS = ("guidance_scale", "clip_denoised", "predict_sampler", "predict_steps",
+                          "predict_eta")
 
     def __init__(
         self,
@@ -98,7 +106,7 @@ class Diffusion(GenerativeModule):
         warmup_steps: int = 0,
     ) -> None:
         super().__init__(data_shape, learning_rate, weight_decay, lr_schedule, warmup_steps)
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=self.EVALUATION_OPTIONS)
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
         if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
@@ -113,6 +121,7 @@ class Diffusion(GenerativeModule):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if predict_sampler not in SAMPLERS:
             raise ValueError(f"predict_sampler must be one of {SAMPLERS}, got {predict_sampler!r}")
+        check_eta(predict_eta, "predict_eta")
         self.prediction = prediction
         self.num_classes = num_classes
         self.label_dropout = label_dropout
@@ -305,7 +314,7 @@ class Diffusion(GenerativeModule):
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         if steps is None and sampler == "ddim":
             steps = self.predict_steps  # None: 50 (or T when T < 50)
-        eta = self.predict_eta if eta is None else eta
+        eta = self.predict_eta if eta is None else check_eta(eta, "eta")
         guidance_scale = self.guidance_scale if guidance_scale is None else guidance_scale
         if guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
@@ -323,8 +332,14 @@ class Diffusion(GenerativeModule):
             result["denoised"] = self.postprocess(torch.stack(denoised)).float()
         return result
 
-    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """Samples with the predict defaults (DDIM-50); conditional models use the batch's labels."""
-        x, y = batch
-        labels = y if self.num_classes is not None else None
-        return self.sample(len(x), y=labels)
+    def predict_options(self) -> dict[str, Any]:
+        return {"sampler": self.predict_sampler, "steps": self.predict_steps, "eta": self.predict_eta}
+
+
+def check_eta(eta: float, name: str) -> float:
+    """DDIM's eta scales sigma_t between 0 (deterministic) and 1 (the DDPM posterior's variance,
+    Song et al. 2021, eq. 16); above 1 the coefficient sqrt(1 - alpha_{t-1} - sigma_t^2) of eq. 12
+    has no real value."""
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1] (0: deterministic DDIM, 1: DDPM's variance), got {eta}")
+    return eta

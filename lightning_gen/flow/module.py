@@ -34,11 +34,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_gen.base import GenerativeModule
+from lightning_gen.base import GenerativeModule, check_temperature
 from lightning_gen.flow.layers import DequantizeLogit
 from lightning_gen.flow.nets import VECTOR_MASKS, MultiScaleRealNVP, VectorRealNVP
 
@@ -65,8 +66,12 @@ class RealNVP(GenerativeModule):
         num_blocks: images: residual blocks per s/t network.
         actnorm: an ActNorm (data-initialized per-feature affine map) before each coupling.
         logit_alpha: images: alpha of the logit transform logit(alpha + (1 - 2 alpha) u).
+        predict_temperature: temperature of the samples ``predict`` draws (see ``sample``); not
+            saved as a hyperparameter, so the command line sets it at ``predict --ckpt_path``.
         learning_rate, weight_decay, lr_schedule, warmup_steps: see GenerativeModule.
     """
+
+    EVALUATION_OPTIONS = ("predict_temperature",)
 
     def __init__(
         self,
@@ -80,13 +85,15 @@ class RealNVP(GenerativeModule):
         num_blocks: int = 4,
         actnorm: bool = True,
         logit_alpha: float = 0.05,
+        predict_temperature: float = 1.0,
         learning_rate: float = 1e-3,
         weight_decay: float = 0.0,
         lr_schedule: str = "constant",
         warmup_steps: int = 0,
     ) -> None:
         super().__init__(data_shape, learning_rate, weight_decay, lr_schedule, warmup_steps)
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=self.EVALUATION_OPTIONS)
+        self.predict_temperature = check_temperature(predict_temperature, "predict_temperature")
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         if mask not in VECTOR_MASKS:
@@ -157,8 +164,10 @@ class RealNVP(GenerativeModule):
         """Invert z ~ N(0, temperature^2 I): (num_samples, *data_shape) in data space; images are
         quantized to the 8-bit levels k / 255 in [0, 1]."""
         self.check_num_samples(num_samples)
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        check_temperature(temperature)
         z = temperature * torch.randn(num_samples, self.num_dims, device=self.device)
         x = self.inverse(z)
         return self.quantize(x) if self.preprocessing is not None else x
+
+    def predict_options(self) -> dict[str, Any]:
+        return {"temperature": self.predict_temperature}

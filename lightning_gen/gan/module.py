@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -102,7 +103,12 @@ class GAN(GenerativeModule):
         weight_decay: decoupled weight decay of both optimizers (AdamW; 0 gives Adam exactly).
         lr_schedule, warmup_steps: as in GenerativeModule, applied to both optimizers, counted in
             each optimizer's own steps.
+        predict_use_ema: whether ``predict`` samples from the averaged generator (default: when
+            ema_decay is set); not saved as a hyperparameter, so the command line sets it at
+            ``predict --ckpt_path``.
     """
+
+    EVALUATION_OPTIONS = ("predict_use_ema",)
 
     def __init__(
         self,
@@ -126,9 +132,10 @@ class GAN(GenerativeModule):
         weight_decay: float = 0.0,
         lr_schedule: str = "constant",
         warmup_steps: int = 0,
+        predict_use_ema: bool | None = None,
     ) -> None:
         super().__init__(data_shape, generator_learning_rate, weight_decay, lr_schedule, warmup_steps)
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=self.EVALUATION_OPTIONS)
         self.automatic_optimization = False
         if network is None:
             network = "dcgan" if self.is_image else "mlp"
@@ -168,6 +175,9 @@ class GAN(GenerativeModule):
         # checkpoints with the rest of the state dict.
         self.generator_ema = (ExponentialMovingAverage(self.generator, ema_decay)
                               if ema_decay is not None else None)
+        if predict_use_ema and self.generator_ema is None:
+            raise ValueError("predict_use_ema=True needs a generator average: set ema_decay")
+        self.predict_use_ema = predict_use_ema
 
     # ------------------------------------------------------------------------------ data space
     def preprocess(self, x: Tensor) -> Tensor:
@@ -242,6 +252,7 @@ class GAN(GenerativeModule):
         scheduler_g, scheduler_d = self.learning_rate_schedulers()
 
         d_loss, logs = self.discriminator_step_loss(real, y)
+        self.watch_loss(d_loss)
         optimizer_d.zero_grad(set_to_none=True)  # also drops what the G step left in D
         self.manual_backward(d_loss)
         optimizer_d.step()
@@ -252,6 +263,7 @@ class GAN(GenerativeModule):
 
         if (batch_idx + 1) % self.n_critic == 0:
             g_loss = self.generator_step_loss(len(x), y)
+            self.watch_loss(g_loss)
             optimizer_g.zero_grad(set_to_none=True)
             self.manual_backward(g_loss)
             optimizer_g.step()
@@ -294,9 +306,9 @@ class GAN(GenerativeModule):
 
     # ------------------------------------------------------------------------------ optimizer
     def configure_optimizers(self):
-        optimizer_g = adamw(self.generator.parameters(), lr=self.generator_learning_rate,
+        optimizer_g = adamw(self.generator.parameters(), trainer=self.trainer, lr=self.generator_learning_rate,
                             betas=self.generator_betas, weight_decay=self.weight_decay)
-        optimizer_d = adamw(self.discriminator.parameters(), lr=self.discriminator_learning_rate,
+        optimizer_d = adamw(self.discriminator.parameters(), trainer=self.trainer, lr=self.discriminator_learning_rate,
                             betas=self.discriminator_betas, weight_decay=self.weight_decay)
         if self.lr_schedule == "constant" and self.warmup_steps == 0:
             return [optimizer_g, optimizer_d]
@@ -367,6 +379,5 @@ class GAN(GenerativeModule):
                 labels = self.check_labels(labels.long())
         return self.postprocess(self.generate(num_samples, labels, use_ema)).float()
 
-    def predict_step(self, batch, batch_idx):
-        x, y = batch
-        return self.sample(len(x), y=y if self.num_classes is not None else None)
+    def predict_options(self) -> dict[str, Any]:
+        return {"use_ema": self.predict_use_ema}

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_gen.base import GenerativeModule
+from lightning_gen.base import GenerativeModule, check_temperature
 from lightning_gen.nn.encoders import build_decoder, build_encoder
 
 LIKELIHOODS = ("bernoulli", "gaussian")
@@ -60,8 +61,16 @@ class VAE(GenerativeModule):
         val_importance_samples: K of the IWAE bound logged as ``val/nll``.
         test_importance_samples: K of the IWAE bound logged as ``test/nll`` (1000 in the literature).
         importance_chunk_size: importance samples decoded at once (bounds memory).
+        predict_temperature: temperature of the samples ``predict`` draws (see ``sample``).
         learning_rate, weight_decay, lr_schedule, warmup_steps: see GenerativeModule.
+
+    The importance-sample counts and ``predict_temperature`` change evaluation only: they are not
+    saved as hyperparameters, so ``cli.py test/predict --ckpt_path ...`` takes them from the config
+    and the command line.
     """
+
+    EVALUATION_OPTIONS = ("val_importance_samples", "test_importance_samples",
+                          "importance_chunk_size", "predict_temperature")
 
     def __init__(
         self,
@@ -76,13 +85,14 @@ class VAE(GenerativeModule):
         val_importance_samples: int = 16,
         test_importance_samples: int = 1000,
         importance_chunk_size: int = 100,
+        predict_temperature: float = 1.0,
         learning_rate: float = 1e-3,
         weight_decay: float = 0.0,
         lr_schedule: str = "constant",
         warmup_steps: int = 0,
     ) -> None:
         super().__init__(data_shape, learning_rate, weight_decay, lr_schedule, warmup_steps)
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=self.EVALUATION_OPTIONS)
         if likelihood is None:
             likelihood = "bernoulli" if self.is_image else "gaussian"
         if likelihood not in LIKELIHOODS:
@@ -109,6 +119,7 @@ class VAE(GenerativeModule):
         self.val_importance_samples = val_importance_samples
         self.test_importance_samples = test_importance_samples
         self.importance_chunk_size = importance_chunk_size
+        self.predict_temperature = check_temperature(predict_temperature, "predict_temperature")
         outputs_per_dim = 1 if likelihood == "bernoulli" else 2
         self.encoder = build_encoder(network, self.data_shape, 2 * latent_dim, hidden_dims, base_channels)
         self.decoder = build_decoder(network, latent_dim, self.data_shape, outputs_per_dim,
@@ -207,7 +218,9 @@ class VAE(GenerativeModule):
     def sample(self, num_samples: int, temperature: float = 1.0) -> Tensor:
         """Decode z ~ N(0, temperature^2 I); returns the mean of p(x | z) (pixel probabilities)."""
         self.check_num_samples(num_samples)
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        check_temperature(temperature)
         z = temperature * torch.randn(num_samples, self.latent_dim, device=self.device)
         return self.decode(z).float()
+
+    def predict_options(self) -> dict[str, Any]:
+        return {"temperature": self.predict_temperature}

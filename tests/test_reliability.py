@@ -1,0 +1,357 @@
+"""A run does what its command says, or stops with a one-line error and a non-zero status.
+
+Each test here failed before its fix: command-line evaluation options overridden by the
+checkpoint, a checkpoint of another family accepted, a stale last.ckpt, DDP predict with repeated
+or scrambled samples, divergence unreported, predict from untrained weights, shipped configs that
+crashed at step 1, and SIGTERM exiting 0 with a resume that was not exact.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from cli_helpers import CONFIGS, QUICK, REPO, run_cli
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_gen import GAN, VAE, Autoencoder, Diffusion, RealNVP
+from lightning_gen.base import DivergenceError
+
+ALL_CONFIGS = sorted(path.name for path in CONFIGS.glob("*.yaml"))
+TINY_FIT = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "2",
+            "--trainer.num_sanity_val_steps", "0"]
+
+
+def cli(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python cli.py ARGS`` as a user runs it (the exit status and stderr are what is tested)."""
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", **(env or {})}
+    return subprocess.run([sys.executable, str(REPO / "cli.py"), *args], cwd=cwd, env=environment,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The one-line error the CLI prints (and checks that it printed no traceback)."""
+    assert result.returncode == 1, (result.returncode, result.stderr[-3000:])
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert lines, result.stderr[-3000:]
+    return lines[-1]
+
+
+def fit_checkpoint(config: str, run_dir: Path, *extra: str) -> Path:
+    """Fit a config for two steps in this process; returns the checkpoint."""
+    fitted = run_cli("fit", "--config", str(CONFIGS / config), *QUICK, *TINY_FIT,
+                     "--trainer.callbacks", "[]", *extra)
+    path = run_dir / f"{config}.ckpt"
+    fitted.trainer.save_checkpoint(path)
+    return path
+
+
+def predict(config: str, checkpoint: Path, out: Path, *extra: str) -> torch.Tensor:
+    run_cli("predict", "--config", str(CONFIGS / config), *QUICK, "--trainer.callbacks", "[]",
+            "--ckpt_path", str(checkpoint), "--prediction_writer.output_dir", str(out), *extra)
+    return torch.load(out / "samples.pt")
+
+
+# -------------------------------------------------------- 1. command-line evaluation options
+# (config, options of the fit, a predict option, two values that must give different samples)
+PREDICT_OPTIONS = {
+    "autoencoder": ("autoencoder_moons.yaml", [], "predict_temperature", ("1.0", "0.3")),
+    "vae": ("vae_8gaussians.yaml", [], "predict_temperature", ("1.0", "0.3")),
+    "gan": ("gan_mnist.yaml", ["--model.init_args.base_channels", "4",
+                               "--data.init_args.batch_size", "8"], "predict_use_ema", ("true", "false")),
+    "realnvp": ("realnvp_moons.yaml", [], "predict_temperature", ("1.0", "0.3")),
+    "diffusion": ("diffusion_moons.yaml", [], "predict_steps", ("50", "5")),
+    "pixelcnn": ("pixelcnn_mnist.yaml", ["--model.init_args.hidden_channels", "4",
+                                         "--model.init_args.num_layers", "1",
+                                         "--model.init_args.head_channels", "4",
+                                         "--data.init_args.batch_size", "4"],
+                 "predict_temperature", ("1.0", "0.2")),
+    "pixeltransformer": ("pixeltransformer_mnist.yaml", ["--model.init_args.model_dim", "8",
+                                                         "--model.init_args.num_layers", "1",
+                                                         "--model.init_args.num_heads", "2",
+                                                         "--data.init_args.batch_size", "4"],
+                         "predict_temperature", ("1.0", "0.2")),
+}
+
+
+@pytest.mark.parametrize("family", sorted(PREDICT_OPTIONS))
+def test_a_command_line_predict_option_overrides_the_checkpoint(family, run_dir, mnist_root):
+    config, fit_options, option, (first, second) = PREDICT_OPTIONS[family]
+    checkpoint = fit_checkpoint(config, run_dir, *fit_options)
+    count = ["--data.init_args.num_predict_samples", "6", *fit_options]
+    a = predict(config, checkpoint, run_dir / "a", *count, f"--model.init_args.{option}", first)
+    again = predict(config, checkpoint, run_dir / "again", *count, f"--model.init_args.{option}", first)
+    b = predict(config, checkpoint, run_dir / "b", *count, f"--model.init_args.{option}", second)
+    assert torch.equal(a, again)  # the same seed and options draw the same samples
+    assert not torch.equal(a, b), f"--model.init_args.{option} {second} was ignored"
+    saved = torch.load(checkpoint, weights_only=True)["hyper_parameters"]
+    assert option not in saved  # evaluation options are not part of the model
+
+
+def test_ddpm_from_the_command_line_is_ddpm(run_dir):
+    small = ["--model.init_args.num_timesteps", "20", "--model.init_args.predict_steps", "10"]
+    checkpoint = fit_checkpoint("diffusion_moons.yaml", run_dir, *small)
+    count = ["--data.init_args.num_predict_samples", "6", *small]
+    ddim = predict("diffusion_moons.yaml", checkpoint, run_dir / "ddim", *count)
+    ddpm = predict("diffusion_moons.yaml", checkpoint, run_dir / "ddpm", *count,
+                   "--model.init_args.predict_sampler", "ddpm", "--model.init_args.predict_steps", "null")
+    # predict draws its one batch under the seed seed_everything(0) and index 0 give: 0
+    model = Diffusion.load_from_checkpoint(checkpoint)
+    torch.manual_seed(0)
+    torch.testing.assert_close(ddpm, model.sample(6, sampler="ddpm"))
+    torch.manual_seed(0)
+    torch.testing.assert_close(ddim, model.sample(6, sampler="ddim", steps=10))
+
+
+def test_vae_test_importance_samples_from_the_command_line(run_dir):
+    checkpoint = fit_checkpoint("vae_8gaussians.yaml", run_dir)
+    nll = {}
+    for k in ("1", "200"):
+        tested = run_cli("test", "--config", str(CONFIGS / "vae_8gaussians.yaml"), *QUICK,
+                         "--trainer.callbacks", "[]", "--trainer.limit_test_batches", "2",
+                         "--sample_distance.on_test", "false", "--ckpt_path", str(checkpoint),
+                         "--model.init_args.test_importance_samples", k)
+        assert tested.model.test_importance_samples == int(k)
+        nll[k] = float(tested.trainer.callback_metrics["test/nll"])
+    assert nll["200"] < nll["1"]  # the IWAE bound tightens with K (Burda et al. 2016, Theorem 1)
+
+
+# --------------------------------------------------------------- 2. checkpoint of another class
+def test_a_checkpoint_of_another_family_is_refused(run_dir, mnist_root):
+    gan = fit_checkpoint("gan_mnist.yaml", run_dir, "--model.init_args.base_channels", "4",
+                         "--data.init_args.batch_size", "8")
+    result = cli("predict", "--config", str(CONFIGS / "vae_mnist.yaml"), *QUICK, "--ckpt_path", str(gan),
+                 "--prediction_writer.output_dir", "out", cwd=run_dir)
+    message = error_line(result)
+    assert "GAN" in message and "VAE" in message
+    assert not (run_dir / "out").exists()
+    with pytest.raises(Exception, match="GAN"):  # in Python too
+        VAE.load_from_checkpoint(gan)
+
+
+# ----------------------------------------------------------------- 3. last.ckpt is the latest
+def test_refitting_overwrites_last_ckpt(run_dir):
+    config = str(CONFIGS / "autoencoder_moons.yaml")
+    quick = [*QUICK, "--trainer.num_sanity_val_steps", "0", "--trainer.limit_val_batches", "2"]
+    run_cli("fit", "--config", config, *quick, "--trainer.max_steps", "2")
+    run_cli("fit", "--config", config, *quick, "--trainer.max_steps", "5")
+    folder = run_dir / "checkpoints" / "autoencoder_moons"
+    assert sorted(path.name for path in folder.glob("last*.ckpt")) == ["last.ckpt"]
+    assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 5
+
+
+# ------------------------------------------------------------------------------- 4. DDP predict
+@pytest.mark.parametrize("count, batch_size", [(11, 4), (101, 256)])
+def test_two_process_predict_gives_every_sample_once_as_one_process_does(count, batch_size, run_dir):
+    config = str(CONFIGS / "autoencoder_moons.yaml")
+    checkpoint = fit_checkpoint("autoencoder_moons.yaml", run_dir)
+    common = ["predict", "--config", config, *QUICK[:6], "--trainer.accelerator", "cpu",
+              "--ckpt_path", str(checkpoint), "--data.init_args.num_predict_samples", str(count),
+              "--data.init_args.batch_size", str(batch_size)]
+    ok(cli(*common, "--trainer.devices", "2", "--trainer.strategy", "ddp",
+           "--prediction_writer.output_dir", "two", cwd=run_dir))
+    ok(cli(*common, "--trainer.devices", "1", "--prediction_writer.output_dir", "one", cwd=run_dir))
+    two = torch.load(run_dir / "two" / "samples.pt")
+    one = torch.load(run_dir / "one" / "samples.pt")
+    assert two.shape == (count, 2)
+    assert len(torch.unique(two, dim=0)) == count  # no sample drawn twice
+    torch.testing.assert_close(two, one, rtol=0, atol=1e-6)  # the same draws, in the same order
+
+
+# ------------------------------------------------------------------------------ 5. divergence
+TOY_FAMILIES = {
+    "autoencoder": lambda: Autoencoder((2,), latent_dim=2, hidden_dims=(8,), reconstruction_loss="mse"),
+    "vae": lambda: VAE((2,), network="mlp", latent_dim=2, hidden_dims=(8,)),
+    "gan": lambda: GAN((2,), latent_dim=2, generator_hidden_dims=(8,), discriminator_hidden_dims=(8,)),
+    "realnvp": lambda: RealNVP((2,), num_layers=2, hidden_dims=(8,)),
+    "diffusion": lambda: Diffusion((2,), num_timesteps=10, hidden_dim=8, num_layers=1),
+}
+
+
+@pytest.mark.parametrize("family", sorted(TOY_FAMILIES))
+def test_a_nan_batch_stops_training_with_the_step(family, tmp_path):
+    x = torch.randn(64, 2)
+    x[20] = float("nan")  # in the third batch of 8
+    loader = DataLoader(TensorDataset(x, torch.zeros(64, dtype=torch.long)), batch_size=8)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, log_every_n_steps=4, default_root_dir=tmp_path,
+                        enable_checkpointing=False)
+    with pytest.raises(DivergenceError, match="at step"):
+        trainer.fit(TOY_FAMILIES[family](), loader)
+
+
+def test_divergence_exits_non_zero_and_keeps_the_good_last_ckpt(run_dir):
+    config = str(CONFIGS / "vae_8gaussians.yaml")
+    quick = [*QUICK, "--trainer.num_sanity_val_steps", "0", "--trainer.limit_val_batches", "2"]
+    ok(cli("fit", "--config", config, *quick, "--trainer.max_steps", "3", cwd=run_dir))
+    last = run_dir / "checkpoints" / "vae_8gaussians" / "last.ckpt"
+    good = last.read_bytes()
+    result = cli("fit", "--config", config, *quick, "--trainer.max_epochs", "1",
+                 "--model.init_args.learning_rate", "1e6", cwd=run_dir)
+    assert "diverged" in error_line(result)
+    assert last.read_bytes() == good
+
+
+def test_predict_refuses_non_finite_weights_and_samples(run_dir):
+    checkpoint = fit_checkpoint("vae_8gaussians.yaml", run_dir)
+    state = torch.load(checkpoint, weights_only=True)
+    for tensor in state["state_dict"].values():
+        tensor.fill_(float("nan"))
+    torch.save(state, checkpoint)
+    result = cli("predict", "--config", str(CONFIGS / "vae_8gaussians.yaml"), *QUICK,
+                 "--ckpt_path", str(checkpoint), "--prediction_writer.output_dir", "out", cwd=run_dir)
+    assert "NaN" in error_line(result)
+    assert not (run_dir / "out" / "samples.pt").exists()
+
+
+# ------------------------------------------------------------------------ 6. untrained weights
+def test_predict_needs_trained_weights(run_dir):
+    config = str(CONFIGS / "vae_8gaussians.yaml")
+    result = cli("predict", "--config", config, *QUICK, cwd=run_dir)
+    assert "--ckpt_path" in error_line(result)
+    result = cli("predict", "--config", config, *QUICK, "--ckpt_path", "last", cwd=run_dir)
+    assert "no last" in error_line(result)
+
+
+# ------------------------------------------------------------ 7. every shipped config as written
+@pytest.mark.parametrize("config", ALL_CONFIGS)
+def test_every_config_trains_two_steps_as_written(config, run_dir, mnist_root):
+    """The config's own precision, clipping and callbacks; only the sizes of the run are cut."""
+    fitted = run_cli("fit", "--config", str(CONFIGS / config), *QUICK, "--trainer.max_steps", "2",
+                     "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2",
+                     "--data.init_args.batch_size", "2", "--sample_logger.num_samples", "4")
+    assert fitted.trainer.global_step >= 2
+    # (a WGAN with five critic steps per generator step logs train/d_loss only, in two batches)
+    trained = {key: value for key, value in fitted.trainer.callback_metrics.items()
+               if key in ("train/loss", "train/d_loss")}
+    assert trained and all(torch.isfinite(value) for value in trained.values()), trained
+
+
+def test_bf16_with_gradient_clipping_trains(run_dir):
+    fitted = run_cli("fit", "--config", str(CONFIGS / "realnvp_moons.yaml"), *QUICK, *TINY_FIT,
+                     "--trainer.precision", "bf16-mixed", "--trainer.callbacks", "[]")
+    assert fitted.trainer.gradient_clip_val == 10.0 and fitted.trainer.global_step == 2
+
+
+# ------------------------------------------------------------------------------------ 8. kills
+def test_sigterm_saves_a_checkpoint_that_resumes_exactly(tmp_path):
+    """Stop a fit with SIGTERM mid-epoch, resume it, and compare the weights with an uninterrupted
+    fit of the same number of steps: they must be equal bit for bit (data order, noise, EMA)."""
+    config = str(CONFIGS / "diffusion_moons.yaml")
+    # 78 batches an epoch, validated (and last.ckpt saved) after each: the run ends with epoch 10.
+    steps = 780
+    common = ["--config", config, "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+              "--trainer.logger.save_dir", "logs", "--trainer.logger.flush_logs_every_n_steps", "1",
+              "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
+              "--trainer.accelerator", "cpu", "--trainer.max_steps", str(steps),
+              "--trainer.check_val_every_n_epoch", "1",
+              "--model.init_args.hidden_dim", "16", "--model.init_args.num_layers", "1"]
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    process = subprocess.Popen([sys.executable, str(REPO / "cli.py"), "fit", *common], cwd=killed,
+                               env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = killed / "logs" / "diffusion_moons" / "version_0" / "metrics.csv"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) > 30:
+            break
+        time.sleep(0.2)
+    assert process.poll() is None, process.communicate()[1][-3000:]
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr[-3000:]
+    last = killed / "checkpoints" / "diffusion_moons" / "last.ckpt"
+    stopped_at = torch.load(last, weights_only=True)["global_step"]
+    assert 0 < stopped_at < steps, stopped_at
+
+    ok(cli("fit", *common, "--ckpt_path", str(last), cwd=killed))
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    ok(cli("fit", *common, cwd=whole))
+    resumed = torch.load(last, weights_only=True)
+    uninterrupted = torch.load(whole / "checkpoints" / "diffusion_moons" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == uninterrupted["global_step"] == steps
+    for name, tensor in uninterrupted["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][name], tensor), name
+
+
+def test_a_sigterm_during_setup_exits_non_zero(run_dir):
+    """A SIGTERM before the Trainer's loop runs ends the process at once with status 143."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", "import signal, time; from lightning_gen.cli import install_termination_deadline; "
+         "install_termination_deadline(); print('ready', flush=True); time.sleep(60)"],
+        env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "ready"
+    started = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=30)
+    assert process.returncode == 143
+    assert time.monotonic() - started < 20
+
+
+# -------------------------------------------------------------- errors as one line (issue 14)
+class Payload:
+    """Unpickling this runs a shell command: what a malicious checkpoint would carry."""
+
+    def __reduce__(self):
+        return (os.system, ("touch payload_ran",))
+
+
+@pytest.mark.parametrize("content", ["garbage", "empty", "pickle"])
+def test_an_unreadable_checkpoint_is_named_and_never_run(content, run_dir):
+    path = run_dir / "model.ckpt"
+    if content == "garbage":
+        path.write_text("not a checkpoint\n")
+    elif content == "empty":
+        path.write_bytes(b"")
+    else:
+        torch.save({"state_dict": {}, "payload": Payload()}, path)
+    result = cli("predict", "--config", str(CONFIGS / "vae_8gaussians.yaml"), *QUICK,
+                 "--ckpt_path", str(path), cwd=run_dir)
+    assert f"{path} is not a readable checkpoint" in error_line(result)
+    assert not (run_dir / "payload_ran").exists()
+
+
+def test_a_bad_option_is_one_line_naming_it(run_dir):
+    result = cli("fit", "--config", str(CONFIGS / "diffusion_moons.yaml"), *QUICK,
+                 "--model.init_args.predict_eta", "-1", cwd=run_dir)
+    assert error_line(result) == ("error: predict_eta must be in [0, 1] (0: deterministic DDIM, 1: "
+                                  "DDPM's variance), got -1.0")
+    assert len(result.stderr.strip().splitlines()) <= 3
+    traced = cli("fit", "--config", str(CONFIGS / "diffusion_moons.yaml"), *QUICK,
+                 "--model.init_args.predict_eta", "-1", cwd=run_dir, env={"LIGHTNING_GEN_TRACEBACK": "1"})
+    assert traced.returncode != 0 and "Traceback" in traced.stderr
+
+
+def test_an_unwritable_checkpoint_folder_fails_before_training(run_dir):
+    (run_dir / "checkpoints").write_text("a file where the folder should be")
+    result = cli("fit", "--config", str(CONFIGS / "vae_8gaussians.yaml"), *QUICK, cwd=run_dir)
+    assert "checkpoints/vae_8gaussians cannot be written (Not a directory)" in error_line(result)
+    assert "Epoch" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("data, classes", [("moons", 1), ("8gaussians", 2)])
+def test_fewer_model_classes_than_data_labels_fail_at_setup(data, classes, run_dir):
+    result = cli("fit", "--model", "Diffusion", "--data", "ToyDataModule", "--data.name", data,
+                 "--model.num_classes", str(classes), *QUICK, "--trainer.max_steps", "1", cwd=run_dir)
+    assert f"built with num_classes={classes}: set --model.init_args.num_classes" in error_line(result)
+
+
+def test_conditional_gan_with_fewer_classes_than_mnist_fails_at_setup(run_dir, mnist_root):
+    result = cli("fit", "--config", str(CONFIGS / "gan_mnist.yaml"), *QUICK, "--model.init_args.num_classes",
+                 "5", "--trainer.max_steps", "1", cwd=run_dir)
+    assert "the data has 10 classes" in error_line(result)
