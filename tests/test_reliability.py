@@ -355,3 +355,30 @@ def test_conditional_gan_with_fewer_classes_than_mnist_fails_at_setup(run_dir, m
     result = cli("fit", "--config", str(CONFIGS / "gan_mnist.yaml"), *QUICK, "--model.init_args.num_classes",
                  "5", "--trainer.max_steps", "1", cwd=run_dir)
     assert "the data has 10 classes" in error_line(result)
+
+
+def test_a_second_smaller_predict_leaves_no_stale_images(run_dir):
+    checkpoint = fit_checkpoint("vae_mnist.yaml", run_dir, "--data.init_args.batch_size", "8")
+    out = run_dir / "out"
+    (out).mkdir()
+    (out / "notes.txt").write_text("the user's own file")
+    predict("vae_mnist.yaml", checkpoint, out, "--data.init_args.num_predict_samples", "64")
+    predict("vae_mnist.yaml", checkpoint, out, "--data.init_args.num_predict_samples", "10")
+    names = sorted(path.name for path in out.iterdir())
+    assert names == [f"{i:06d}.png" for i in range(10)] + ["grid.png", "notes.txt", "samples.pt"]
+    assert torch.load(out / "samples.pt").shape == (10, 1, 28, 28)
+
+
+@pytest.mark.parametrize("eta", [-1.0, 50.0])
+def test_eta_outside_zero_one_is_refused_at_construction_and_sampling(eta):
+    with pytest.raises(ValueError, match=r"predict_eta must be in \[0, 1\]"):
+        Diffusion((2,), num_timesteps=10, hidden_dim=8, num_layers=1, predict_eta=eta)
+    model = Diffusion((2,), num_timesteps=10, hidden_dim=8, num_layers=1)
+    with pytest.raises(ValueError, match=r"eta must be in \[0, 1\]"):
+        model.sample(2, eta=eta)
+
+
+def test_a_missing_checkpoint_is_named(run_dir):
+    result = cli("test", "--config", str(CONFIGS / "vae_8gaussians.yaml"), *QUICK,
+                 "--ckpt_path", "nowhere.ckpt", cwd=run_dir)
+    assert error_line(result) == "error: checkpoint nowhere.ckpt does not exist"
