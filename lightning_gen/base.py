@@ -304,7 +304,7 @@ class GenerativeModule(L.LightningModule):
         return [parameter for parameter in self.parameters() if parameter.requires_grad]
 
     def configure_optimizers(self) -> Any:
-        optimizer = adamw(self.optimizer_parameters(), trainer=self.trainer, lr=self.learning_rate,
+        optimizer = adamw(self.optimizer_parameters(), trainer=self._trainer, lr=self.learning_rate,
                           weight_decay=self.weight_decay)
         if self.lr_schedule == "constant" and self.warmup_steps == 0:
             return optimizer

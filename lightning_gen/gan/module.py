@@ -306,9 +306,9 @@ class GAN(GenerativeModule):
 
     # ------------------------------------------------------------------------------ optimizer
     def configure_optimizers(self):
-        optimizer_g = adamw(self.generator.parameters(), trainer=self.trainer, lr=self.generator_learning_rate,
+        optimizer_g = adamw(self.generator.parameters(), trainer=self._trainer, lr=self.generator_learning_rate,
                             betas=self.generator_betas, weight_decay=self.weight_decay)
-        optimizer_d = adamw(self.discriminator.parameters(), trainer=self.trainer, lr=self.discriminator_learning_rate,
+        optimizer_d = adamw(self.discriminator.parameters(), trainer=self._trainer, lr=self.discriminator_learning_rate,
                             betas=self.discriminator_betas, weight_decay=self.weight_decay)
         if self.lr_schedule == "constant" and self.warmup_steps == 0:
             return [optimizer_g, optimizer_d]
