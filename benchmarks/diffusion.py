@@ -17,7 +17,7 @@ Trainer, then write a DDIM-50 sample grid and a denoising strip (MNIST) or a sca
 energy distance to held-out points (toy). On MNIST it also reports FID and KID of --fid-samples
 DDIM-50 samples against the 10,000 test images through the project's MNIST feature network
 (lightning_gen.metrics; --feature-network, default $LIGHTNING_GEN_FEATURE_NETWORK or
-checkpoints/mnist_features/last.ckpt, trained by python cli.py fit --config configs/mnist_features.yaml).
+checkpoints/mnist_features/last.ckpt, trained by python cli.py features fit --config configs/mnist_features.yaml).
 
     python benchmarks/diffusion.py quality --data mnist --device cuda --budget-minutes 5 --bf16
     python benchmarks/diffusion.py quality --data moons --device cpu --budget-minutes 3 --threads 1

@@ -12,7 +12,7 @@ itself; the options only set the feature network and the sample counts) and read
 likelihood, test/fid and test/kid (MNIST feature network) for images, test/mmd and
 test/sliced_wasserstein for 2-D data.
 
-Full size on a GPU (the feature network first: python cli.py fit --config configs/mnist_features.yaml):
+Full size on a GPU (the feature network first: python cli.py features fit --config configs/mnist_features.yaml):
 
     python benchmarks/evaluate.py --budget-minutes 30 --accelerator gpu --num-samples 10000
 
@@ -189,7 +189,7 @@ def main() -> None:
             args.feature_network = str(default.resolve())
         else:
             print(f"No feature network at {default}: MNIST rows without FID/KID "
-                  "(python cli.py fit --config configs/mnist_features.yaml)", file=sys.stderr)
+                  "(python cli.py features fit --config configs/mnist_features.yaml)", file=sys.stderr)
     elif args.feature_network != "inception":
         args.feature_network = str(Path(args.feature_network).resolve())  # the CLI runs elsewhere
     entries = [e for e in ENTRIES if args.only is None or e.name in args.only or e.config in args.only]

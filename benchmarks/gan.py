@@ -10,7 +10,7 @@ EMA 0.999) and reports the training time, steps, and the energy distance (the mo
 ``val/loss``, pixel space in [0, 1]) between --eval-size EMA samples and as many test digits, next
 to the same distance between training and test digits (what a perfect model would score). It saves
 a sample grid. With --feature-network (default: the project's MNIST feature network,
-checkpoints/mnist_features/last.ckpt, trained by ``python cli.py fit --config
+checkpoints/mnist_features/last.ckpt, trained by ``python cli.py features fit --config
 configs/mnist_features.yaml``) it also reports the FID of the EMA samples, of the raw generator's
 samples and of training digits (the floor) against the first --eval-size test digits, in the
 feature space of that network (numbers compare only between runs with the same checkpoint).
@@ -196,7 +196,7 @@ def main() -> None:
     elif args.task == "mnist" and not Path(args.feature_network).is_file():
         # checked before training, not after the budget is spent
         raise ValueError(f"--feature-network: no checkpoint at {args.feature_network} (train it with "
-                         "python cli.py fit --config configs/mnist_features.yaml, or pass 'none')")
+                         "python cli.py features fit --config configs/mnist_features.yaml, or pass 'none')")
     if args.batch_size is None:
         args.batch_size = 128 if args.task == "mnist" else 256
     if args.eval_size is None:

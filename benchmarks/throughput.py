@@ -135,7 +135,7 @@ def plain_throughput(model, images, labels, args, device) -> float:
             x, y = batch
             y = model.labels(y)
             with autocast:
-                d_loss, _ = model.discriminator_step_loss(model.preprocess(x), y)
+                d_loss, _ = model.discriminator_step_loss(model.to_model_space(x), y)
             optimizer_d.zero_grad(set_to_none=True)
             d_loss.backward()
             optimizer_d.step()
@@ -149,7 +149,7 @@ def plain_throughput(model, images, labels, args, device) -> float:
 
         def step(batch):
             with autocast:
-                loss = model._shared_step(batch, "train")
+                loss = model.loss(batch, 0, "train")[0]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -21,6 +21,21 @@ The contract (see README "The contract"):
 - Metric names: ``train/loss``, ``val/loss``, ``val/nll``, ``val/bpd``, ``test/...``: the same in
   every family so dashboards line up. Training metrics reach the logger under these exact names
   (per step) and as ``<name>_epoch`` (the epoch mean).
+
+The template every family fills in (as nflows' ``Transform`` or diffusers' schedulers do):
+- ``loss(batch, batch_idx, stage) -> (loss, metrics)``: the loss of one batch and the other
+  metrics to log; ``training_step``, ``validation_step`` and ``test_step`` are this class's and
+  log them under the contract's names (a ``"nll"`` entry, per example, also gives bits/dim). A
+  family that steps its own optimizers (the GAN) overrides ``training_step`` only.
+- ``sample(num_samples, **options)``, and ``predict_options()`` for what ``predict`` passes it.
+- ``averaged_network()`` where the family keeps an exponential moving average: this class
+  updates it after every optimizer step and ``sampling_network(use_ema)`` chooses it.
+- Class labels: one ``num_classes`` attribute (None: unconditional); ``batch_labels(y)`` gives
+  the network the batch's labels when conditional, and ``sampling_labels(y, n)`` applies the one
+  rule for sampling: none for an unconditional model, else the given ones or, when ``y`` is None,
+  every class in turn (0, 1, ..., K-1, 0, ...).
+- ``to_model_space`` / ``from_model_space``: images [0, 1] <-> [-1, 1] for the families whose
+  networks work there (vectors unchanged).
 """
 
 from __future__ import annotations
@@ -33,9 +48,10 @@ from typing import Any, ClassVar
 import lightning as L
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_gen.metrics.likelihood import bits_per_dim
+from lightning_gen.nn.ema import ExponentialMovingAverage, select_network
 
 LR_SCHEDULES = ("constant", "cosine")
 # Keys this project adds to every checkpoint it writes.
@@ -58,9 +74,13 @@ def class_path(cls: type) -> str:
 class GenerativeModule(L.LightningModule):
     """Base class of every family: data shape, optimizer set-up, sampling and logging helpers.
 
+    Families take the four optimizer arguments below as keywords (``**optimizer_options``), so
+    they are written once, here; ``--print_config`` and the configs show them with the family's
+    other arguments.
+
     Args:
         data_shape: shape of one example: (C, H, W) for images, (D,) for vectors.
-        learning_rate: AdamW learning rate.
+        learning_rate: AdamW learning rate (None: the family's ``DEFAULT_LEARNING_RATE``).
         weight_decay: AdamW weight decay.
         lr_schedule: ``"constant"`` or ``"cosine"`` (cosine decay to 0 over the whole fit).
         warmup_steps: linear warm-up from 0 over this many optimizer steps.
@@ -72,16 +92,21 @@ class GenerativeModule(L.LightningModule):
     EVALUATION_OPTIONS: ClassVar[tuple[str, ...]] = ()
     #: Number of class labels of a class-conditional model; None: unconditional.
     num_classes: int | None = None
+    #: The AdamW learning rate when none is given (each family sets its own).
+    DEFAULT_LEARNING_RATE: ClassVar[float] = 1e-3
 
     def __init__(
         self,
         data_shape: Sequence[int],
-        learning_rate: float,
+        *,
+        learning_rate: float | None = None,
         weight_decay: float = 0.0,
         lr_schedule: str = "constant",
         warmup_steps: int = 0,
     ) -> None:
         super().__init__()
+        if learning_rate is None:
+            learning_rate = self.DEFAULT_LEARNING_RATE
         data_shape = tuple(int(size) for size in data_shape)
         if len(data_shape) not in (1, 3) or any(size < 1 for size in data_shape):
             raise ValueError(
@@ -134,22 +159,101 @@ class GenerativeModule(L.LightningModule):
         if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
 
+    def to_model_space(self, x: Tensor) -> Tensor:
+        """Images [0, 1] -> [-1, 1] (Ho et al. 2020, sec. 3.3; a tanh generator's range);
+        vectors unchanged."""
+        return x * 2.0 - 1.0 if self.is_image else x
+
+    def from_model_space(self, x: Tensor) -> Tensor:
+        """Back to data space: images [-1, 1] -> [0, 1], clamped; vectors unchanged."""
+        return ((x + 1.0) / 2.0).clamp(0.0, 1.0) if self.is_image else x
+
+    # ---------------------------------------------------------------------------------- labels
+    def batch_labels(self, y: Tensor | None) -> Tensor | None:
+        """The labels the network takes from a batch: ``y`` when conditional, else None. Not
+        range-checked (that would sync with the device every step): ``setup`` compares
+        ``num_classes`` with the data module's, and an embedding rejects what is out of range."""
+        return y if self.num_classes is not None else None
+
+    def sampling_labels(self, y: Tensor | int | Sequence[int] | None, num_samples: int) -> Tensor | None:
+        """Labels for drawing ``num_samples`` examples, (num_samples,) int64 on the model's device.
+
+        The one rule of every family: an unconditional model takes none; a conditional one takes
+        one label for all, ``num_samples`` labels, or (``y=None``) every class in turn:
+        0, 1, ..., K-1, 0, 1, ... (so a grid of K columns shows one class per column).
+        """
+        if self.num_classes is None:
+            if y is not None:
+                raise ValueError(f"{type(self).__name__} is unconditional (num_classes=None): "
+                                 "sample without y")
+            return None
+        if y is None:
+            return torch.arange(num_samples, device=self.device) % self.num_classes
+        labels = torch.as_tensor(y, device=self.device)
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise TypeError(f"labels y must be integers, got dtype {labels.dtype}")
+        labels = labels.long().expand(num_samples) if labels.dim() == 0 else labels.long()
+        if labels.shape != (num_samples,):
+            raise ValueError(f"y must be one label or {num_samples} labels, got shape {tuple(labels.shape)}")
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):  # user input
+            raise ValueError(f"labels must lie in 0..{self.num_classes - 1}, got "
+                             f"{labels.min().item()}..{labels.max().item()}")
+        return labels
+
     # --------------------------------------------------------------------------------- training
-    def _shared_step(self, batch: Any, stage: str) -> Tensor:
-        """The loss of one batch at ``stage`` ("train", "val" or "test"), logged under the
-        contract's names; every family implements it (or overrides training_step, as the GAN)."""
-        raise NotImplementedError(f"{type(self).__name__} does not implement _shared_step()")
+    def loss(self, batch: Any, batch_idx: int, stage: str) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """The loss of one batch at ``stage`` ("train", "val" or "test") and the other metrics to
+        log, by name without the stage (``"nll"``: per-example nats, also logged as bits/dim).
+        Every family implements it; a loss of None logs nothing under ``{stage}/loss``."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement loss()")
+
+    def _step(self, batch: Any, batch_idx: int, stage: str) -> Tensor | None:
+        loss, metrics = self.loss(batch, batch_idx, stage)
+        batch_size = len(batch[0]) if isinstance(batch, (tuple, list)) else len(batch)
+        if loss is not None:
+            self.log_loss(stage, loss, batch_size)
+        for name, value in metrics.items():
+            if name == "nll":
+                self.log_likelihood_metrics(stage, value)
+            else:
+                self.log_metric(stage, name, value, batch_size=batch_size)
+        return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        loss = self._shared_step(batch, "train")
+        loss = self._step(batch, batch_idx, "train")
         self.watch_loss(loss)
         return loss
 
-    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "val")
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        return self._step(batch, batch_idx, "val")
 
-    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "test")
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        return self._step(batch, batch_idx, "test")
+
+    # ---------------------------------------------------------------------- the weight average
+    def averaged_network(self) -> tuple[nn.Module, ExponentialMovingAverage | None] | None:
+        """(the trained network that is sampled, its moving average or None) for families that
+        can keep an average (Diffusion's denoiser, the GAN's generator); None for the others."""
+        return None
+
+    def update_average(self) -> None:
+        """Move the average towards the trained weights (after each optimizer step)."""
+        pair = self.averaged_network()
+        if pair is not None and pair[1] is not None:
+            pair[1].update(pair[0])
+
+    def sampling_network(self, use_ema: bool | None = None) -> nn.Module:
+        """The averaged network when there is one (default), or the trained one (``use_ema=False``)."""
+        pair = self.averaged_network()
+        if pair is None:
+            raise ValueError(f"{type(self).__name__} keeps no weight average")
+        return select_network(pair[0], pair[1], use_ema)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        # The average follows every optimizer step (not every batch, which differs when gradients
+        # accumulate). Families with manual optimization call update_average themselves.
+        super().optimizer_step(*args, **kwargs)
+        self.update_average()
 
     # --------------------------------------------------------------------------------- sampling
     def sample(self, num_samples: int, **options: Any) -> Tensor:
@@ -163,8 +267,8 @@ class GenerativeModule(L.LightningModule):
     def predict_samples(self, x: Tensor, y: Tensor | None) -> Tensor:
         """The samples of one predict batch: ``len(x)`` draws with ``predict_options``;
         class-conditional models draw the batch's labels ``y``."""
-        labels = {"y": y} if self.num_classes is not None else {}
-        return self.sample(len(x), **self.predict_options(), **labels)
+        labels = self.batch_labels(y)
+        return self.sample(len(x), **self.predict_options(), **({"y": labels} if labels is not None else {}))
 
     def on_predict_start(self) -> None:
         # The run's seed (seed_everything's, the same on every rank), read before any batch

@@ -3,6 +3,7 @@
     python cli.py fit --config configs/vae_mnist.yaml
     python cli.py fit --model VAE --data MNISTDataModule --trainer.max_epochs 5
     python cli.py predict --config configs/vae_mnist.yaml --ckpt_path checkpoints/vae_mnist/last.ckpt
+    python cli.py features fit --config configs/mnist_features.yaml   # the FID/KID feature network
 
 Every run has four callbacks whatever its config says: ``sample_logger`` (a sample grid or scatter
 plot after validation, to whichever logger is set), ``prediction_writer`` (what ``predict``
@@ -43,7 +44,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 import datamodules  # noqa: F401  (registers the data modules for --data NAME)
 import lightning_gen  # noqa: F401  (registers the models for --model NAME)
 import lightning_gen.metrics  # noqa: F401  (registers MNISTClassifier)
-from lightning_gen.base import CLASS_KEY
+from lightning_gen.base import CLASS_KEY, GenerativeModule
 from lightning_gen.callbacks import (
     CheckpointOnTerminate, ImageQualityMetrics, PredictionWriter, SampleDistanceMetrics, SampleLogger,
 )
@@ -163,17 +164,26 @@ class GenerativeCLI(LightningCLI):
         parser.set_defaults({"image_quality.every_n_epochs": 0, "sample_distance.every_n_epochs": 0})
 
 
-def main(args: list[str] | None = None, run: bool = True) -> GenerativeCLI:
-    """Run the CLI (``args`` default to sys.argv); ``run=False`` only instantiates the objects."""
+class FeatureNetworkCLI(LightningCLI):
+    """``cli.py features {fit,validate,test,predict} --config configs/mnist_features.yaml``: the
+    classifier whose features FID/KID use. It is not a generative model, so it has its own command
+    and the generative one can require GenerativeModule (whose contract its callbacks rely on)."""
+
+
+def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
+    """Run the CLI (``args`` default to sys.argv); ``run=False`` only instantiates the objects.
+    ``features ...`` runs the feature network's CLI (FeatureNetworkCLI)."""
     default_wandb_mode()
     import lightning as L
 
-    # The base class is LightningModule, not GenerativeModule, so that the FID/KID feature network
-    # (lightning_gen.metrics.MNISTClassifier, a classifier that draws no samples) trains through the
-    # same command: python cli.py fit --config configs/mnist_features.yaml. Every model is still
-    # found by name (--model VAE); a module without sample() must set sample_logger.every_n_epochs 0.
+    if (sys.argv[1:2] if args is None else args[:1]) == ["features"]:
+        if args is None:  # LightningCLI reads sys.argv itself (and warns when given both)
+            sys.argv = [sys.argv[0], *sys.argv[2:]]
+        return FeatureNetworkCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True,
+                                 subclass_mode_data=True, save_config_kwargs={"overwrite": True},
+                                 args=None if args is None else args[1:], run=run)
     return GenerativeCLI(
-        L.LightningModule,
+        GenerativeModule,
         L.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,

@@ -298,7 +298,7 @@ def test_loss_falls_when_overfitting_a_batch(name):
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses = []
     for _ in range(40):
-        loss = model._shared_step(batch, "train")
+        loss = model.loss(batch, 0, "train")[0]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -3,7 +3,8 @@
 Each entry of FAMILIES builds a tiny model and names its data ("mnist" or a toy distribution).
 A new family adds one entry; every check below then applies to it:
 - a short fit through the Trainer ends with a finite ``train/loss``;
-- the training loss reaches every trainable parameter with a finite gradient;
+- the training loss of the public template, ``loss(batch, batch_idx, "train")``, reaches every
+  trainable parameter with a finite gradient;
 - ``sample(n)`` has shape (n, *data_shape), is finite, lies in [0, 1] for images, sits on the
   model's device and is reproducible under ``torch.manual_seed``;
 - ``predict_step`` returns samples;
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import lightning as L
 import pytest
@@ -30,16 +30,10 @@ from lightning_gen import RealNVP
 from lightning_gen.base import GenerativeModule
 
 
-def shared_step_loss(model: GenerativeModule, batch) -> torch.Tensor:
-    return model._shared_step(batch, "train")
-
-
 @dataclass
 class Family:
     build: Callable[[tuple[int, ...]], GenerativeModule]
     data: str  # "mnist" or a toy distribution name
-    # The training loss as a function of (model, batch); it must involve every trainable parameter.
-    loss: Callable[[GenerativeModule, Any], torch.Tensor] = shared_step_loss
     sample_options: dict = field(default_factory=dict)
 
 
@@ -74,16 +68,15 @@ FAMILIES: dict[str, Family] = {
                                        num_classes=10), "mnist"),
     "gan_dcgan": Family(
         lambda shape: GAN(shape, network="dcgan", latent_dim=8, base_channels=4, ema_decay=0.9),
-        "mnist", loss=lambda model, batch: model.training_losses(batch)),
+        "mnist"),
     "gan_conditional": Family(
         lambda shape: GAN(shape, network="mlp", latent_dim=8, generator_hidden_dims=(32,),
                           discriminator_hidden_dims=(32,), num_classes=10, loss="hinge",
-                          spectral_norm=True), "mnist",
-        loss=lambda model, batch: model.training_losses(batch), sample_options={"y": 3}),
+                          spectral_norm=True), "mnist", sample_options={"y": 3}),
     "gan_toy": Family(
         lambda shape: GAN(shape, network="mlp", latent_dim=2, generator_hidden_dims=(16,),
                           discriminator_hidden_dims=(16,), loss="wgan_gp", r1_weight=1.0),
-        "8gaussians", loss=lambda model, batch: model.training_losses(batch)),
+        "8gaussians"),
     "diffusion_unet": Family(
         lambda shape: Diffusion(shape, num_timesteps=20, base_channels=4, channel_multipliers=(1, 2),
                                 num_res_blocks=1, attention_levels=(1,), num_heads=1, ema_decay=0.9),
@@ -134,7 +127,8 @@ def test_family_contract(name, tmp_path, mnist_root):
     #    so the model's self.log calls are no-ops).
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
-    family.loss(model, batch).backward()
+    loss, _ = model.loss(batch, 0, "train")  # the GAN's: D's and G's losses summed
+    loss.backward()
     for parameter_name, parameter in model.named_parameters():
         if parameter.requires_grad:
             assert parameter.grad is not None, f"no gradient reaches {parameter_name}"

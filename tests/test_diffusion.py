@@ -264,7 +264,7 @@ def test_loss_falls_on_a_tiny_batch(prediction, mnist_root):
     x = torch.stack([data.test_set[index][0] for index in range(8)])  # (8, 1, 28, 28) in [0, 1]
     torch.manual_seed(0)
     model = tiny_unet_model(prediction=prediction, num_timesteps=100)
-    x0 = model.preprocess(x)
+    x0 = model.to_model_space(x)
 
     def fixed_noise_loss() -> float:  # the same t and eps before and after training
         generator = torch.Generator().manual_seed(0)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from cli_helpers import CONFIGS, QUICK, REPO, run_cli
+from lightning_gen.base import GenerativeModule
 from lightning_gen.callbacks import ImageQualityMetrics
 from lightning_gen.metrics import (
     MNISTClassifier, bits_per_dim, extract_features, fid_kid_from_features, load_feature_network,
@@ -122,8 +123,11 @@ def test_inception_without_its_weights_is_a_clear_error(monkeypatch):
         load_feature_network("inception")
 
 
-class SamplingImageModel(L.LightningModule):
-    data_shape = (1, 28, 28)
+class SamplingImageModel(GenerativeModule):
+    """An image model of the callbacks' contract whose sampling must not be reached."""
+
+    def __init__(self) -> None:
+        super().__init__((1, 28, 28), learning_rate=1e-3)
 
     def sample(self, num_samples: int) -> torch.Tensor:
         raise AssertionError("must not sample without a feature network")
@@ -167,8 +171,8 @@ def test_cli_test_reports_fid_and_kid_with_the_default_feature_network(run_dir, 
     assert math.isfinite(float(metrics["test/fid"])) and float(metrics["test/fid"]) > 0
     assert "test/mmd" not in metrics  # the 2-D metrics do not apply to images
 
-    # The classifier runs through the same CLI; it draws no samples, so no FID (and no crash).
-    classifier = run_cli("test", "--config", str(CONFIGS / "mnist_features.yaml"), *common,
+    # The classifier has its own command (cli.py features); it draws no samples, so no FID.
+    classifier = run_cli("features", "test", "--config", str(CONFIGS / "mnist_features.yaml"), *common,
                          "--model.init_args.base_channels", "4", "--model.init_args.feature_dim", "16")
     assert "test/accuracy" in classifier.trainer.callback_metrics
     assert "test/fid" not in classifier.trainer.callback_metrics

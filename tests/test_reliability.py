@@ -230,13 +230,17 @@ def test_predict_needs_trained_weights(run_dir):
 @pytest.mark.parametrize("config", ALL_CONFIGS)
 def test_every_config_trains_two_steps_as_written(config, run_dir, mnist_root):
     """The config's own precision, clipping and callbacks; only the sizes of the run are cut."""
-    fitted = run_cli("fit", "--config", str(CONFIGS / config), *QUICK, "--trainer.max_steps", "2",
+    # the FID/KID feature network, a classifier, has its own command: cli.py features fit
+    features = config == "mnist_features.yaml"
+    command = ["features", "fit"] if features else ["fit"]
+    fitted = run_cli(*command, "--config", str(CONFIGS / config), *QUICK, "--trainer.max_steps", "2",
                      "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2",
-                     "--data.init_args.batch_size", "2", "--sample_logger.num_samples", "4")
+                     "--data.init_args.batch_size", "2",
+                     *([] if features else ["--sample_logger.num_samples", "4"]))
     assert fitted.trainer.global_step >= 2
     # (a WGAN with five critic steps per generator step logs train/d_loss only, in two batches)
     trained = {key: value for key, value in fitted.trainer.callback_metrics.items()
-               if key in ("train/loss", "train/d_loss")}
+               if key in ("train/loss", "train/d_loss", "train/loss_step")}
     assert trained and all(torch.isfinite(value) for value in trained.values()), trained
 
 
@@ -382,3 +386,24 @@ def test_a_missing_checkpoint_is_named(run_dir):
     result = cli("test", "--config", str(CONFIGS / "vae_8gaussians.yaml"), *QUICK,
                  "--ckpt_path", "nowhere.ckpt", cwd=run_dir)
     assert error_line(result) == "error: checkpoint nowhere.ckpt does not exist"
+
+
+def test_a_step_that_outlasts_the_grace_period_is_cut_short(run_dir):
+    """While a run holds SIGTERM (as Lightning's handler does, calling ours too, then waiting for
+    the batch to end), a step that never ends is cut short after LIGHTNING_GEN_TERM_GRACE seconds."""
+    script = ("import signal, time\n"
+              "from lightning_gen.cli import install_termination_deadline\n"
+              "install_termination_deadline()\n"
+              "ours = signal.getsignal(signal.SIGTERM)\n"
+              "signal.signal(signal.SIGTERM, lambda signum, frame: ours(signum, frame))  # a run's handler\n"
+              "print('ready', flush=True)\n"
+              "time.sleep(60)  # a step that does not end\n")
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env={**os.environ, "PYTHONPATH": str(REPO),
+                                               "LIGHTNING_GEN_TERM_GRACE": "1"})
+    assert process.stdout.readline().strip() == "ready"
+    started = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 143 and "did not stop within 1 s" in stderr
+    assert 0.9 < time.monotonic() - started < 20

@@ -75,7 +75,7 @@ def test_loss_falls_when_overfitting_a_small_batch(mnist_root):
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(60):
-        loss = model._shared_step(batch, "train")
+        loss = model.loss(batch, 0, "train")[0]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_gen import checks
 from lightning_gen.base import GenerativeModule, check_temperature
 from lightning_gen.nn.encoders import build_decoder, build_encoder
 
@@ -35,7 +36,8 @@ class Autoencoder(GenerativeModule):
             Both are summed over dimensions and averaged over the batch.
         predict_temperature: temperature of the samples ``predict`` draws (see ``sample``); not
             saved as a hyperparameter, so the command line sets it at ``predict --ckpt_path``.
-        learning_rate, weight_decay, lr_schedule, warmup_steps: see GenerativeModule.
+        optimizer_options: learning_rate (default ``DEFAULT_LEARNING_RATE``), weight_decay,
+            lr_schedule, warmup_steps, as keywords: see GenerativeModule.
     """
 
     EVALUATION_OPTIONS = ("predict_temperature",)
@@ -49,21 +51,15 @@ class Autoencoder(GenerativeModule):
         base_channels: int = 32,
         reconstruction_loss: str = "bce",
         predict_temperature: float = 1.0,
-        learning_rate: float = 1e-3,
-        weight_decay: float = 0.0,
-        lr_schedule: str = "constant",
-        warmup_steps: int = 0,
+        **optimizer_options: Any,
     ) -> None:
-        super().__init__(data_shape, learning_rate, weight_decay, lr_schedule, warmup_steps)
+        super().__init__(data_shape, **optimizer_options)
         self.save_hyperparameters(ignore=self.EVALUATION_OPTIONS)
         self.predict_temperature = check_temperature(predict_temperature, "predict_temperature")
-        if latent_dim < 1:
-            raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
+        checks.at_least(1, latent_dim=latent_dim)
         if not hidden_dims:
             raise ValueError("hidden_dims must name at least one width")
-        if reconstruction_loss not in RECONSTRUCTION_LOSSES:
-            raise ValueError(f"reconstruction_loss must be one of {RECONSTRUCTION_LOSSES}, "
-                             f"got {reconstruction_loss!r}")
+        checks.one_of("reconstruction_loss", reconstruction_loss, RECONSTRUCTION_LOSSES)
         if reconstruction_loss == "bce" and not self.is_image:
             raise ValueError("reconstruction_loss='bce' needs data in [0, 1] (images); use 'mse' for vectors")
         self.latent_dim = latent_dim
@@ -106,14 +102,12 @@ class Autoencoder(GenerativeModule):
             error = F.mse_loss(prediction.float(), x.float(), reduction="none")
         return error.flatten(1).sum(1)
 
-    def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+    def loss(self, batch: tuple[Tensor, Tensor], batch_idx: int, stage: str) -> tuple[Tensor, dict]:
         x, _ = batch  # (B, *data_shape)
         z = self.encode(x)  # (B, latent_dim)
-        loss = self.reconstruction_error(x, self.decoder_output(z)).mean()
         if stage == "train":
             self._accumulate_codes(z.detach())
-        self.log_loss(stage, loss, len(x))
-        return loss
+        return self.reconstruction_error(x, self.decoder_output(z)).mean(), {}
 
     # ------------------------------------------------------------------ the fitted latent prior
     def _accumulate_codes(self, z: Tensor) -> None:

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_gen.autoregressive.nets import PixelCNNNet, PixelTransformerNet
-from lightning_gen.base import GenerativeModule
+from lightning_gen import checks
+from lightning_gen.base import GenerativeModule, check_temperature
 
 PREDICT_MODES = ("sample", "complete")
 
@@ -51,7 +52,8 @@ class AutoregressiveModule(GenerativeModule):
             ``predict_given_rows`` rows and sample the rest.
         predict_given_rows: rows given in ``"complete"`` mode; None: the top half.
         predict_temperature: temperature of the samples ``predict`` draws.
-        learning_rate, weight_decay, lr_schedule, warmup_steps: see GenerativeModule.
+        optimizer_options: learning_rate, weight_decay, lr_schedule, warmup_steps (keywords): see
+            GenerativeModule.
 
     The ``predict_*`` options are not saved as hyperparameters, so that
     ``cli.py predict --ckpt_path ... --model.init_args.predict_mode complete`` takes effect.
@@ -61,34 +63,29 @@ class AutoregressiveModule(GenerativeModule):
 
     def __init__(
         self,
-        data_shape: Sequence[int],
-        num_levels: int,
-        num_classes: int | None,
-        predict_mode: str,
-        predict_given_rows: int | None,
-        predict_temperature: float,
-        learning_rate: float,
-        weight_decay: float,
-        lr_schedule: str,
-        warmup_steps: int,
+        data_shape: Sequence[int] = (1, 28, 28),
+        *,
+        num_levels: int = 2,
+        num_classes: int | None = None,
+        predict_mode: str = "sample",
+        predict_given_rows: int | None = None,
+        predict_temperature: float = 1.0,
+        **optimizer_options: Any,
     ) -> None:
-        super().__init__(data_shape, learning_rate, weight_decay, lr_schedule, warmup_steps)
+        super().__init__(data_shape, **optimizer_options)
         if not self.is_image:
             raise ValueError(f"{type(self).__name__} models images (C, H, W), got data_shape "
                              f"{self.data_shape}; use a flow or VAE for vectors")
         if not isinstance(num_levels, int) or not 2 <= num_levels <= 65536:
             raise ValueError(f"num_levels must be an int in 2..65536 (2: binarized, 256: 8-bit), "
                              f"got {num_levels!r}")
-        if num_classes is not None and num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1 or None (unconditional), got {num_classes}")
-        if predict_mode not in PREDICT_MODES:
-            raise ValueError(f"predict_mode must be one of {PREDICT_MODES}, got {predict_mode!r}")
+        checks.optional_classes(num_classes)
+        checks.one_of("predict_mode", predict_mode, PREDICT_MODES)
         height = self.data_shape[1]
         if predict_given_rows is not None and not 0 <= predict_given_rows <= height:
             raise ValueError(f"predict_given_rows must be in 0..{height} or None (half), "
                              f"got {predict_given_rows}")
-        if predict_temperature <= 0:
-            raise ValueError(f"predict_temperature must be > 0, got {predict_temperature}")
+        check_temperature(predict_temperature, "predict_temperature")
         self.num_levels = num_levels
         self.num_classes = num_classes
         self.predict_mode = predict_mode
@@ -113,28 +110,6 @@ class AutoregressiveModule(GenerativeModule):
     def quantize_images(self, x: Tensor) -> Tensor:
         """Images as the data module yields them -> the model's input grid (see ``forward``)."""
         return self.levels_to_images(self.quantize(x))
-
-    def check_labels(self, y: Tensor | None, batch_size: int) -> Tensor | None:
-        """The labels the network gets: y for a conditional model, None otherwise."""
-        if self.num_classes is None:
-            if y is not None:
-                raise ValueError(f"{type(self).__name__} was built without num_classes: it takes no "
-                                 "labels y")
-            return None
-        if y is None:
-            raise ValueError(f"{type(self).__name__} is class-conditional (num_classes="
-                             f"{self.num_classes}): pass labels y of shape ({batch_size},)")
-        y = torch.as_tensor(y, device=self.device)
-        if y.dtype.is_floating_point or y.dtype == torch.bool:
-            raise TypeError(f"y must hold integer labels, got {y.dtype}")
-        if y.dim() == 0:  # one label for every image
-            y = y.expand(batch_size)
-        if y.shape != (batch_size,):
-            raise ValueError(f"y must be one label or have shape ({batch_size},), got {tuple(y.shape)}")
-        if y.min() < 0 or y.max() >= self.num_classes:
-            raise ValueError(f"labels must lie in 0..{self.num_classes - 1}, got "
-                             f"{y.min().item()}..{y.max().item()}")
-        return y.long()
 
     # ------------------------------------------------------------------------------ likelihood
     def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
@@ -163,19 +138,16 @@ class AutoregressiveModule(GenerativeModule):
                 for label in range(self.num_classes)
             ]
             return torch.logsumexp(torch.stack(per_class), dim=0) - math.log(self.num_classes)
-        return -self.negative_log_likelihood(levels, self.check_labels(y, len(x)))
+        return -self.negative_log_likelihood(levels, self.sampling_labels(y, len(x)))
 
     # -------------------------------------------------------------------------------- training
-    def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+    def loss(self, batch: tuple[Tensor, Tensor], batch_idx: int, stage: str) -> tuple[Tensor, dict]:
         x, y = batch
         levels = self.quantize(x)  # (B, C, H, W)
-        nll = self.negative_log_likelihood(levels, y if self.num_classes is not None else None)  # (B,)
-        loss = nll.mean()
-        self.log_loss(stage, loss, len(x))
+        nll = self.negative_log_likelihood(levels, self.batch_labels(y))  # (B,)
         # The loss is the exact NLL, so train/nll and train/bpd cost nothing; logged in every
         # stage, as the flow does, so likelihood panels compare the two families while training.
-        self.log_likelihood_metrics(stage, nll.detach())
-        return loss
+        return nll.mean(), {"nll": nll.detach()}
 
     # -------------------------------------------------------------------------------- sampling
     def start_sampling(self, batch_size: int, **options: Any) -> Any:
@@ -217,12 +189,6 @@ class AutoregressiveModule(GenerativeModule):
             images[:, channel, row, column] = value.float() / (self.num_levels - 1)
         return levels
 
-    def sample_labels(self, num_samples: int, y: Tensor | None) -> Tensor | None:
-        """Labels for sampling: y if given, else uniform over the classes (conditional models)."""
-        if y is None and self.num_classes is not None:
-            return torch.randint(self.num_classes, (num_samples,), device=self.device)
-        return self.check_labels(y, num_samples)
-
     @torch.no_grad()
     def sample(self, num_samples: int, temperature: float = 1.0, y: Tensor | None = None,
                **options: Any) -> Tensor:
@@ -230,11 +196,11 @@ class AutoregressiveModule(GenerativeModule):
 
         Args:
             temperature: the logits are divided by it (< 1: sharper, > 1: more diverse).
-            y: labels for a conditional model, one int or (num_samples,); None draws them
-                uniformly (p(y) = 1/N, the prior of the marginal ``log_prob``).
+            y: labels for a conditional model, one int or (num_samples,); None: every class in
+                turn (``GenerativeModule.sampling_labels``).
         """
         self.check_num_samples(num_samples)
-        y = self.sample_labels(num_samples, y)
+        y = self.sampling_labels(y, num_samples)
         levels = torch.zeros(num_samples, *self.data_shape, dtype=torch.long, device=self.device)
         given = torch.zeros_like(levels, dtype=torch.bool)
         return self.levels_to_images(self.sample_levels(levels, given, y, temperature, **options))
@@ -272,12 +238,12 @@ class AutoregressiveModule(GenerativeModule):
                 Values after a missing one are drawn given the sampled values before them, so
                 each completion is a sample of p(missing | given values before it in the order).
             temperature: see ``sample``.
-            y: labels for a conditional model (one int or (B,)); None draws them uniformly.
+            y: labels for a conditional model (one int or (B,)); None: every class in turn.
         Returns the completed images (B, C, H, W) in [0, 1], given values quantized.
         """
         self.check_data(x)
         given = self.given_mask(x, num_given_rows, mask)
-        y = self.sample_labels(len(x), y)
+        y = self.sampling_labels(y, len(x))
         levels = self.quantize(x.to(self.device))
         return self.levels_to_images(self.sample_levels(levels, given.to(self.device), y,
                                                         temperature, **options))
@@ -288,8 +254,7 @@ class AutoregressiveModule(GenerativeModule):
     def predict_samples(self, x: Tensor, y: Tensor | None) -> Tensor:
         """``predict_mode="complete"``: keep the top rows of the batch's images, sample the rest."""
         if self.predict_mode == "complete":
-            y = y if self.num_classes is not None else None
-            return self.complete(x, num_given_rows=self.predict_given_rows, y=y,
+            return self.complete(x, num_given_rows=self.predict_given_rows, y=self.batch_labels(y),
                                  **self.predict_options())
         return super().predict_samples(x, y)
 
@@ -299,7 +264,6 @@ class PixelCNN(AutoregressiveModule):
 
     Args:
         data_shape: (C, H, W) (linked from the data module).
-        num_levels: K (2: dynamically binarized; 256: 8-bit).
         gated: gated blocks with vertical and horizontal stacks (van den Oord et al. 2016b, no blind
             spot); False: residual blocks of masked convolutions (van den Oord et al. 2016a).
         hidden_channels: h, channels of the blocks (a multiple of C).
@@ -307,9 +271,8 @@ class PixelCNN(AutoregressiveModule):
         kernel_size: kernel of the blocks (odd).
         first_kernel_size: kernel of the first (type A) layer (odd).
         head_channels: channels of the 1x1 output layers.
-        num_classes: class conditioning (a learned bias per layer), None for none.
-        predict_mode, predict_given_rows, predict_temperature: see AutoregressiveModule.
-        learning_rate, weight_decay, lr_schedule, warmup_steps: see GenerativeModule.
+        options: as keywords, AutoregressiveModule's (num_levels, num_classes: a learned bias
+            per layer, predict_*) and GenerativeModule's optimizer options.
 
     Sampling runs the network once per value, each time on the rows up to the current one only
     (the logits of row i do not depend on the rows below, masks and zero padding included).
@@ -318,41 +281,30 @@ class PixelCNN(AutoregressiveModule):
     def __init__(
         self,
         data_shape: Sequence[int] = (1, 28, 28),
-        num_levels: int = 2,
         gated: bool = True,
         hidden_channels: int = 64,
         num_layers: int = 7,
         kernel_size: int = 3,
         first_kernel_size: int = 7,
         head_channels: int = 256,
-        num_classes: int | None = None,
-        predict_mode: str = "sample",
-        predict_given_rows: int | None = None,
-        predict_temperature: float = 1.0,
-        learning_rate: float = 1e-3,
-        weight_decay: float = 0.0,
-        lr_schedule: str = "constant",
-        warmup_steps: int = 0,
+        **options: Any,
     ) -> None:
-        super().__init__(data_shape, num_levels, num_classes, predict_mode, predict_given_rows,
-                         predict_temperature, learning_rate, weight_decay, lr_schedule, warmup_steps)
+        super().__init__(data_shape, **options)
         self.save_hyperparameters(ignore=self.EVALUATION_OPTIONS)
         channels = self.data_shape[0]
-        for name, value in [("hidden_channels", hidden_channels), ("num_layers", num_layers),
-                            ("head_channels", head_channels)]:
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        checks.at_least(1, hidden_channels=hidden_channels, num_layers=num_layers,
+                        head_channels=head_channels)
         if hidden_channels % channels:
             raise ValueError(f"hidden_channels must be a multiple of the image channels ({channels}) "
                              f"so each channel has its group of features, got {hidden_channels}")
         for name, value in [("kernel_size", kernel_size), ("first_kernel_size", first_kernel_size)]:
             if value < 1 or value % 2 == 0:
                 raise ValueError(f"{name} must be a positive odd int, got {value}")
-        self.network = PixelCNNNet(channels, num_levels, hidden_channels, num_layers, kernel_size,
-                                   first_kernel_size, head_channels, gated, num_classes)
+        self.network = PixelCNNNet(channels, self.num_levels, hidden_channels, num_layers, kernel_size,
+                                   first_kernel_size, head_channels, gated, self.num_classes)
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
-        return self.network(2 * x - 1, y)  # (B, K, C, H, W); the network reads [-1, 1]
+        return self.network(self.to_model_space(x), y)  # (B, K, C, H, W); the network reads [-1, 1]
 
     def next_logits(self, images: Tensor, position: int, y: Tensor | None, state: Any) -> Tensor:
         C, H, W = self.data_shape
@@ -367,50 +319,37 @@ class PixelTransformer(AutoregressiveModule):
 
     Args:
         data_shape: (C, H, W) (linked from the data module).
-        num_levels: K (2: dynamically binarized; 256: 8-bit).
         model_dim: width of the residual stream (a multiple of num_heads).
         num_layers: transformer blocks.
         num_heads: attention heads.
         dropout: dropout on embeddings, attention and MLP outputs (training only).
-        num_classes: class conditioning (a learned embedding added at every position), None for none.
-        predict_mode, predict_given_rows, predict_temperature: see AutoregressiveModule.
-        learning_rate, weight_decay, lr_schedule, warmup_steps: see GenerativeModule.
+        options: as keywords, AutoregressiveModule's (num_levels, num_classes: a learned
+            embedding added at every position, predict_*) and GenerativeModule's optimizer options.
 
     ``sample(n, use_cache=True)``: with the cache each new value costs one token step through
     the blocks (attention over the cached keys/values); ``use_cache=False`` recomputes the whole
     prefix at every step (the reference the cache must match, and the speed baseline).
     """
 
+    DEFAULT_LEARNING_RATE = 3e-4
+
     def __init__(
         self,
         data_shape: Sequence[int] = (1, 28, 28),
-        num_levels: int = 2,
         model_dim: int = 256,
         num_layers: int = 4,
         num_heads: int = 4,
         dropout: float = 0.0,
-        num_classes: int | None = None,
-        predict_mode: str = "sample",
-        predict_given_rows: int | None = None,
-        predict_temperature: float = 1.0,
-        learning_rate: float = 3e-4,
-        weight_decay: float = 0.0,
-        lr_schedule: str = "constant",
-        warmup_steps: int = 0,
+        **options: Any,
     ) -> None:
-        super().__init__(data_shape, num_levels, num_classes, predict_mode, predict_given_rows,
-                         predict_temperature, learning_rate, weight_decay, lr_schedule, warmup_steps)
+        super().__init__(data_shape, **options)
         self.save_hyperparameters(ignore=self.EVALUATION_OPTIONS)
-        for name, value in [("model_dim", model_dim), ("num_layers", num_layers),
-                            ("num_heads", num_heads)]:
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        checks.at_least(1, model_dim=model_dim, num_layers=num_layers, num_heads=num_heads)
         if model_dim % num_heads:
             raise ValueError(f"model_dim ({model_dim}) must be a multiple of num_heads ({num_heads})")
-        if not 0 <= dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        self.network = PixelTransformerNet(math.prod(self.data_shape), num_levels, model_dim,
-                                           num_layers, num_heads, dropout, num_classes)
+        checks.fraction(dropout=dropout)
+        self.network = PixelTransformerNet(math.prod(self.data_shape), self.num_levels, model_dim,
+                                           num_layers, num_heads, dropout, self.num_classes)
 
     @staticmethod
     def to_sequence(x: Tensor) -> Tensor:

@@ -9,7 +9,7 @@ same value, so the logged number needs no further sync. Samples come from the mo
 acting only on the models it applies to, so ``cli.py test`` reports FID/KID for image models and
 MMD/sliced Wasserstein for 2-D ones with no extra flags:
 
-    python cli.py fit --config configs/mnist_features.yaml       # the FID/KID feature network, once
+    python cli.py features fit --config configs/mnist_features.yaml       # the FID/KID feature network, once
     python cli.py test --config configs/vae_mnist.yaml --ckpt_path checkpoints/vae_mnist/last.ckpt
     python cli.py fit --config configs/vae_mnist.yaml --image_quality.every_n_epochs 1   # val/fid too
 """
@@ -29,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from tqdm import tqdm
 
+from lightning_gen.base import GenerativeModule
 from lightning_gen.metrics.fid import (
     INCEPTION, extract_features, load_feature_network, make_fid_kid, real_features,
 )
@@ -52,7 +53,7 @@ def _draw_samples(pl_module: L.LightningModule, count: int, batch_size: int, see
             yield pl_module.sample(min(batch_size, count - start), **options)
 
 
-# Where ``cli.py fit --config configs/mnist_features.yaml`` writes the feature network (relative to
+# Where ``cli.py features fit --config configs/mnist_features.yaml`` writes the feature network (relative to
 # the working directory, like every checkpoint of the configs); the environment variable overrides it.
 DEFAULT_FEATURE_NETWORK = "checkpoints/mnist_features/last.ckpt"
 FEATURE_NETWORK_ENV = "LIGHTNING_GEN_FEATURE_NETWORK"
@@ -64,12 +65,13 @@ def default_feature_network() -> str:
 
 
 def _is_image_model(pl_module: L.LightningModule) -> bool:
-    return len(getattr(pl_module, "data_shape", ())) == 3
+    """The contract these callbacks rely on: a GenerativeModule (``sample``, ``data_shape``) of
+    images; any other LightningModule is left alone."""
+    return isinstance(pl_module, GenerativeModule) and pl_module.is_image
 
 
-def _can_sample(pl_module: L.LightningModule) -> bool:
-    # A classifier (the feature network itself) runs through the same CLI but draws no samples.
-    return callable(getattr(pl_module, "sample", None))
+def _is_vector_model(pl_module: L.LightningModule) -> bool:
+    return isinstance(pl_module, GenerativeModule) and not pl_module.is_image
 
 
 def _check_common(num_samples: int, batch_size: int, every_n_epochs: int) -> None:
@@ -93,7 +95,7 @@ class ImageQualityMetrics(Callback):
 
     Args:
         feature_network: ``"inception"`` (torchmetrics' Inception-v3; downloads its weights on
-            first use) or the path of an ``MNISTClassifier`` checkpoint (``cli.py fit --config
+            first use) or the path of an ``MNISTClassifier`` checkpoint (``cli.py features fit --config
             configs/mnist_features.yaml``). None: ``$LIGHTNING_GEN_FEATURE_NETWORK`` or
             ``checkpoints/mnist_features/last.ckpt`` (relative to the working directory), and
             FID/KID are skipped with a warning while that file does not exist.
@@ -138,7 +140,7 @@ class ImageQualityMetrics(Callback):
             if not isinstance(feature_network, (str, os.PathLike)) or not Path(feature_network).is_file():
                 raise ValueError(
                     f"feature_network must be {INCEPTION!r}, the path of an MNISTClassifier "
-                    f"checkpoint (train one with: python cli.py fit --config "
+                    f"checkpoint (train one with: python cli.py features fit --config "
                     f"configs/mnist_features.yaml) or None (the default path); no file at "
                     f"{feature_network!r}"
                 )
@@ -184,7 +186,7 @@ class ImageQualityMetrics(Callback):
 
     # ------------------------------------------------------------------------------- evaluation
     def _skip(self, pl_module: L.LightningModule) -> bool:
-        if not _is_image_model(pl_module) or not _can_sample(pl_module):
+        if not _is_image_model(pl_module):
             return True
         if self.feature_network is None:
             # Looked up at each evaluation, so a network trained meanwhile is picked up.
@@ -195,7 +197,7 @@ class ImageQualityMetrics(Callback):
             if not self._warned:
                 rank_zero_warn(
                     f"ImageQualityMetrics: no feature network at {path!r} (the default path, or "
-                    f"${FEATURE_NETWORK_ENV}); FID/KID skipped. Train one with: python cli.py fit "
+                    f"${FEATURE_NETWORK_ENV}); FID/KID skipped. Train one with: python cli.py features fit "
                     f"--config configs/mnist_features.yaml, or set --image_quality.feature_network "
                     f"to a checkpoint or to 'inception'."
                 )
@@ -306,7 +308,7 @@ class SampleDistanceMetrics(Callback):
         self._kept = 0
 
     def _start(self, pl_module: L.LightningModule, active: bool) -> None:
-        self._active = active and not _is_image_model(pl_module) and _can_sample(pl_module)
+        self._active = active and _is_vector_model(pl_module)
         self._kept = 0
         for metric in (self.mmd, self.sliced_wasserstein):
             metric.reset()

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_gen import checks
 from lightning_gen.base import GenerativeModule
 from lightning_gen.diffusion.nets import MLPDenoiser, UNet
 from lightning_gen.diffusion.samplers import SAMPLERS, sampling_loop
@@ -71,9 +72,11 @@ class Diffusion(GenerativeModule):
     ``guidance_scale``, ``clip_denoised`` and the ``predict_*`` options change sampling only: they
     are not saved as hyperparameters, so ``cli.py predict --ckpt_path ...`` takes them from the
     config and the command line, and ``load_from_checkpoint(path, guidance_scale=2.0)`` sets them.
-        learning_rate, weight_decay, lr_schedule, warmup_steps: see GenerativeModule.
+        optimizer_options: learning_rate (default ``DEFAULT_LEARNING_RATE``), weight_decay,
+            lr_schedule, warmup_steps, as keywords: see GenerativeModule.
     """
 
+    DEFAULT_LEARNING_RATE = 2e-4
     EVALUATION_OPTIONS = ("guidance_scale", "clip_denoised", "predict_sampler", "predict_steps",
                           "predict_eta")
 
@@ -100,30 +103,19 @@ class Diffusion(GenerativeModule):
         predict_sampler: str = "ddim",
         predict_steps: int | None = None,
         predict_eta: float = 0.0,
-        learning_rate: float = 2e-4,
-        weight_decay: float = 0.0,
-        lr_schedule: str = "constant",
-        warmup_steps: int = 0,
+        **optimizer_options: Any,
     ) -> None:
-        super().__init__(data_shape, learning_rate, weight_decay, lr_schedule, warmup_steps)
+        super().__init__(data_shape, **optimizer_options)
         self.save_hyperparameters(ignore=self.EVALUATION_OPTIONS)
-        if prediction not in PREDICTIONS:
-            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
-        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
-            raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}")
-        if not 0.0 <= label_dropout < 1.0:
-            raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}")
+        checks.one_of("prediction", prediction, PREDICTIONS)
+        checks.one_of("predict_sampler", predict_sampler, SAMPLERS)
+        checks.fraction(label_dropout=label_dropout, dropout=dropout)
+        checks.at_least(0, guidance_scale=guidance_scale)
+        check_eta(predict_eta, "predict_eta")
         if num_classes is not None and label_dropout == 0.0 and guidance_scale != 1.0:
             raise ValueError("guidance_scale != 1 needs an unconditional model too: set label_dropout > 0")
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        if predict_sampler not in SAMPLERS:
-            raise ValueError(f"predict_sampler must be one of {SAMPLERS}, got {predict_sampler!r}")
-        check_eta(predict_eta, "predict_eta")
         self.prediction = prediction
-        self.num_classes = num_classes
+        self.num_classes = checks.optional_classes(num_classes)
         self.label_dropout = label_dropout
         self.guidance_scale = guidance_scale
         self.clip_denoised = self.is_image if clip_denoised is None else clip_denoised
@@ -144,15 +136,6 @@ class Diffusion(GenerativeModule):
         if predict_sampler == "ddpm" and predict_steps not in (None, num_timesteps):
             raise ValueError("predict_sampler='ddpm' walks all T steps: set predict_steps to null "
                              f"(or {num_timesteps}), or use predict_sampler='ddim' with predict_eta=1.0")
-
-    # ------------------------------------------------------------------------ pre/postprocessing
-    def preprocess(self, x: Tensor) -> Tensor:
-        """Images [0, 1] -> [-1, 1] (Ho et al. 2020, sec. 3.3); vectors unchanged."""
-        return x * 2.0 - 1.0 if self.is_image else x
-
-    def postprocess(self, x: Tensor) -> Tensor:
-        """Back to data space: images [-1, 1] -> [0, 1] (clamped); vectors unchanged."""
-        return ((x + 1.0) / 2.0).clamp(0.0, 1.0) if self.is_image else x
 
     # ------------------------------------------------------------------------------- training
     @property
@@ -180,72 +163,26 @@ class Diffusion(GenerativeModule):
         output = network(x_t, t, y)
         return F.mse_loss(output.float(), self.target(x0, t, eps))
 
-    def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str, batch_idx: int = 0) -> Tensor:
+    def loss(self, batch: tuple[Tensor, Tensor], batch_idx: int, stage: str) -> tuple[Tensor, dict]:
         x, y = batch
-        x0 = self.preprocess(x)  # (B, ...)
+        x0 = self.to_model_space(x)  # (B, ...)
         if stage == "train":
-            loss = self.diffusion_loss(x0, self.drop_labels(y))
-        else:
-            # The same t and noise for a batch at every validation (seeded by its index), so that
-            # successive epochs measure the same thing; the labels are kept (the conditional loss).
-            generator = torch.Generator(device=x0.device).manual_seed(batch_idx)
-            labels = y if self.num_classes is not None else None
-            loss = self.diffusion_loss(x0, labels, self.sampling_network(), generator)
-        self.log_loss(stage, loss, len(x))
-        return loss
+            return self.diffusion_loss(x0, self.drop_labels(y)), {}
+        # The same t and noise for a batch at every validation (seeded by its index), so that
+        # successive epochs measure the same thing; the labels are kept (the conditional loss).
+        generator = torch.Generator(device=x0.device).manual_seed(batch_idx)
+        return self.diffusion_loss(x0, self.batch_labels(y), self.sampling_network(), generator), {}
 
-    # training_step is the base class's; evaluation passes batch_idx, the seed of its fixed noise.
-    def validation_step(self, batch, batch_idx):
-        return self._shared_step(batch, "val", batch_idx)
-
-    def test_step(self, batch, batch_idx):
-        return self._shared_step(batch, "test", batch_idx)
-
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        # The average follows every optimizer step (not every batch, which differs when
-        # gradients accumulate).
-        super().optimizer_step(*args, **kwargs)
-        if self.ema is not None:
-            self.ema.update(self.network)
+    def averaged_network(self) -> tuple[nn.Module, ExponentialMovingAverage | None]:
+        return self.network, self.ema
 
     # ------------------------------------------------------------------------------- sampling
-    def sampling_network(self, use_ema: bool | None = None) -> nn.Module:
-        """The averaged network when there is one (or ``use_ema=False``: the trained weights)."""
-        if use_ema is None:
-            use_ema = self.ema is not None
-        if use_ema and self.ema is None:
-            raise ValueError("use_ema=True needs a model trained with ema_decay set")
-        return self.ema.averaged if use_ema else self.network
-
-    def check_labels(self, y: Tensor | int | Sequence[int] | None, num_samples: int) -> Tensor | None:
-        """Labels for sampling as a (num_samples,) long tensor on the model's device.
-
-        Conditional models with ``y=None`` cycle through the classes (0, 1, ..., K-1, 0, ...).
-        """
-        if self.num_classes is None:
-            if y is not None:
-                raise ValueError("this model is unconditional (num_classes=None); sample without y")
-            return None
-        if y is None:
-            return torch.arange(num_samples, device=self.device) % self.num_classes
-        y = torch.as_tensor(y, device=self.device)
-        if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise TypeError(f"labels y must be integers, got dtype {y.dtype}")
-        y = y.long().expand(num_samples) if y.dim() == 0 else y.long()
-        if y.shape != (num_samples,):
-            raise ValueError(f"y must be one label or {num_samples} labels, got shape {tuple(y.shape)}")
-        if y.numel() and (y.min() < 0 or y.max() >= self.num_classes):  # a user-input check
-            raise ValueError(f"labels must lie in 0..{self.num_classes - 1}")
-        return y
-
     def denoiser(self, network: nn.Module, y: Tensor | None, guidance_scale: float):
         """``(x_t, t) -> eps``: the network's noise prediction with classifier-free guidance."""
 
         def eps_prediction(x_t: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
             output = network(x_t, t, labels).float()
-            if self.prediction == "v":
-                return self.schedule.eps_from_velocity(x_t, t, output)
-            return output
+            return self.schedule.model_predictions(x_t, t, output, self.prediction)[0]
 
         def denoise(x_t: Tensor, t: Tensor) -> Tensor:
             if y is None or guidance_scale == 1.0:
@@ -259,25 +196,14 @@ class Diffusion(GenerativeModule):
         return denoise
 
     @torch.no_grad()
-    def sample_trajectory(
-        self,
-        num_samples: int,
-        sampler: str | None = None,
-        steps: int | None = None,
-        eta: float | None = None,
-        y: Tensor | int | Sequence[int] | None = None,
-        guidance_scale: float | None = None,
-        use_ema: bool | None = None,
-        x_T: Tensor | None = None,
-    ) -> dict[str, Tensor]:
-        """The whole denoising trajectory, in data space.
+    def sample_trajectory(self, num_samples: int, **options: Any) -> dict[str, Tensor]:
+        """The whole denoising trajectory, in data space; takes ``sample``'s arguments.
 
         Returns a dict with ``"states"``: (S + 1, N, *data_shape), x_T, ..., x_0 for S sampler
         steps, and ``"denoised"``: (S, N, *data_shape), the network's x_0 estimate at each step.
-        Images are mapped to [0, 1] (and clamped) like ``sample``'s output. Arguments as ``sample``.
+        Images are mapped to [0, 1] (and clamped) like ``sample``'s output.
         """
-        return self._generate(num_samples, sampler, steps, eta, y, guidance_scale, use_ema, x_T,
-                              record=True)
+        return self._generate(num_samples, record=True, **options)
 
     @torch.no_grad()
     def sample(
@@ -305,8 +231,10 @@ class Diffusion(GenerativeModule):
         """
         return self._generate(num_samples, sampler, steps, eta, y, guidance_scale, use_ema, x_T)["x0"]
 
-    def _generate(self, num_samples, sampler, steps, eta, y, guidance_scale, use_ema, x_T,
-                  record: bool = False) -> dict[str, Tensor]:
+    def _generate(self, num_samples: int, sampler: str | None = None, steps: int | None = None,
+                  eta: float | None = None, y: Tensor | int | Sequence[int] | None = None,
+                  guidance_scale: float | None = None, use_ema: bool | None = None,
+                  x_T: Tensor | None = None, record: bool = False) -> dict[str, Tensor]:
         self.check_num_samples(num_samples)
         if sampler is None:
             sampler = self.predict_sampler
@@ -318,7 +246,7 @@ class Diffusion(GenerativeModule):
         guidance_scale = self.guidance_scale if guidance_scale is None else guidance_scale
         if guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
-        labels = self.check_labels(y, num_samples)
+        labels = self.sampling_labels(y, num_samples)
         if x_T is None:
             x_T = torch.randn(num_samples, *self.data_shape, device=self.device)
         elif tuple(x_T.shape) != (num_samples, *self.data_shape):
@@ -326,10 +254,10 @@ class Diffusion(GenerativeModule):
         denoise = self.denoiser(self.sampling_network(use_ema), labels, guidance_scale)
         x0, states, denoised = sampling_loop(denoise, self.schedule, x_T.to(self.device).float(),
                                              sampler, steps, eta, self.clip_denoised, record)
-        result = {"x0": self.postprocess(x0).float()}
+        result = {"x0": self.from_model_space(x0).float()}
         if record:
-            result["states"] = self.postprocess(torch.stack(states)).float()
-            result["denoised"] = self.postprocess(torch.stack(denoised)).float()
+            result["states"] = self.from_model_space(torch.stack(states)).float()
+            result["denoised"] = self.from_model_space(torch.stack(denoised)).float()
         return result
 
     def predict_options(self) -> dict[str, Any]:

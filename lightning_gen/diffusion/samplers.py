@@ -37,11 +37,9 @@ Denoiser = Callable[[Tensor, Tensor], Tensor]  # (x_t (B, ...), t (B,)) -> eps (
 
 def denoised_prediction(schedule: NoiseSchedule, x_t: Tensor, t: Tensor, eps: Tensor,
                         clip_denoised: bool) -> tuple[Tensor, Tensor]:
-    """x_0_hat from the predicted noise, optionally clipped to [-1, 1], and the matching eps."""
-    x0 = schedule.predict_x0_from_eps(x_t, t, eps)
-    if clip_denoised:
-        x0 = x0.clamp(-1.0, 1.0)
-        eps = schedule.predict_eps_from_x0(x_t, t, x0)
+    """x_0_hat from the predicted noise, optionally clipped to [-1, 1], and the matching eps
+    (``NoiseSchedule.model_predictions``)."""
+    eps, x0 = schedule.model_predictions(x_t, t, eps, "epsilon", clip_denoised)
     return x0, eps
 
 

@@ -147,6 +147,19 @@ class NoiseSchedule(nn.Module):
         return (extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.dim()) * x_t
                 + extract(self.sqrt_alphas_cumprod, t, x_t.dim()) * v)
 
+    def model_predictions(self, x_t: Tensor, t: Tensor, output: Tensor, prediction: str,
+                          clip_denoised: bool = False) -> tuple[Tensor, Tensor]:
+        """The network's output for x_t as (eps, x_0_hat), for either prediction type, in one place
+        (as lucidrains' ``model_predictions``). ``prediction``: ``"epsilon"`` (output = eps) or
+        ``"v"`` (Salimans & Ho 2022). With ``clip_denoised`` x_0_hat is clipped to [-1, 1] and eps
+        recomputed from it, so (eps, x_0_hat) stay a decomposition of x_t (Nichol & Dhariwal 2021)."""
+        eps = self.eps_from_velocity(x_t, t, output) if prediction == "v" else output
+        x0 = self.predict_x0_from_eps(x_t, t, eps)
+        if clip_denoised:
+            x0 = x0.clamp(-1.0, 1.0)
+            eps = self.predict_eps_from_x0(x_t, t, x0)
+        return eps, x0
+
     def timesteps(self, steps: int) -> list[int]:
         """``steps`` timesteps spread evenly over 0 .. T - 1, in decreasing order, ending at 0
         (the sub-sequence tau of DDIM, Song et al. 2021, section 4.2)."""

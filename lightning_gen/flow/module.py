@@ -6,7 +6,7 @@ variables formula (Dinh et al. 2017, eq. 3)
     log p(x) = log N(f(x); 0, I) + log|det df/dx|,
 
 and f is a stack of affine coupling layers y = b*x + (1-b)*(x*exp(s(b*x)) + t(b*x)) whose
-log|det| = sum((1-b) * s(b*x)) is cheap (eq. 10, the seed's c(x)). Training minimizes the exact
+log|det| = sum((1-b) * s(b*x)) is cheap (Dinh et al. 2017, eq. 10). Training minimizes the exact
 negative log-likelihood; sampling inverts z ~ N(0, T^2 I).
 
 - Vectors, ``data_shape = (D,)``: ``VectorRealNVP``: MLP s/t nets, alternating or random masks,
@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_gen import checks
 from lightning_gen.base import GenerativeModule, check_temperature
 from lightning_gen.flow.layers import DequantizeLogit
 from lightning_gen.flow.nets import VECTOR_MASKS, MultiScaleRealNVP, VectorRealNVP
@@ -68,7 +69,8 @@ class RealNVP(GenerativeModule):
         logit_alpha: images: alpha of the logit transform logit(alpha + (1 - 2 alpha) u).
         predict_temperature: temperature of the samples ``predict`` draws (see ``sample``); not
             saved as a hyperparameter, so the command line sets it at ``predict --ckpt_path``.
-        learning_rate, weight_decay, lr_schedule, warmup_steps: see GenerativeModule.
+        optimizer_options: learning_rate (default ``DEFAULT_LEARNING_RATE``), weight_decay,
+            lr_schedule, warmup_steps, as keywords: see GenerativeModule.
     """
 
     EVALUATION_OPTIONS = ("predict_temperature",)
@@ -86,18 +88,13 @@ class RealNVP(GenerativeModule):
         actnorm: bool = True,
         logit_alpha: float = 0.05,
         predict_temperature: float = 1.0,
-        learning_rate: float = 1e-3,
-        weight_decay: float = 0.0,
-        lr_schedule: str = "constant",
-        warmup_steps: int = 0,
+        **optimizer_options: Any,
     ) -> None:
-        super().__init__(data_shape, learning_rate, weight_decay, lr_schedule, warmup_steps)
+        super().__init__(data_shape, **optimizer_options)
         self.save_hyperparameters(ignore=self.EVALUATION_OPTIONS)
         self.predict_temperature = check_temperature(predict_temperature, "predict_temperature")
-        if num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-        if mask not in VECTOR_MASKS:
-            raise ValueError(f"mask must be one of {VECTOR_MASKS}, got {mask!r}")
+        checks.at_least(1, num_layers=num_layers)
+        checks.one_of("mask", mask, VECTOR_MASKS)
         if not hidden_dims or any(width < 1 for width in hidden_dims):
             raise ValueError(f"hidden_dims must be one or more positive widths, got {hidden_dims}")
         if self.is_image:
@@ -149,14 +146,10 @@ class RealNVP(GenerativeModule):
         return standard_normal_log_density(z) + log_det
 
     # ------------------------------------------------------------------------------- training
-    def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
-        x = batch[0]
-        z, log_det = self._forward(x)
+    def loss(self, batch: tuple[Tensor, Tensor], batch_idx: int, stage: str) -> tuple[Tensor, dict]:
+        z, log_det = self._forward(batch[0])
         nll = -(standard_normal_log_density(z) + log_det)  # (B,) nats, as log_prob
-        loss = nll.mean()
-        self.log_loss(stage, loss, len(x))
-        self.log_likelihood_metrics(stage, nll)
-        return loss
+        return nll.mean(), {"nll": nll}
 
     # ------------------------------------------------------------------------------- sampling
     @torch.no_grad()

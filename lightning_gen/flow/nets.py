@@ -91,7 +91,7 @@ class VectorRealNVP(nn.Module):
         num_features: D (at least 2: a coupling layer needs a part to condition on).
         num_layers: coupling layers.
         hidden_dims: widths of each s/t MLP.
-        mask: ``"alternating"`` (even / odd dims in turn, as the seed's NVPNet) or ``"random"``
+        mask: ``"alternating"`` (even / odd dims in turn, Dinh et al. 2017, sec. 3.4) or ``"random"``
             (a random half of the dims per layer, drawn once from ``mask_seed`` and saved).
         actnorm: put an ActNorm before each coupling.
         mask_seed: seed of the random masks.

@@ -5,7 +5,8 @@ Every loss takes the discriminator's raw scores (B,) and returns a scalar to min
 - ``non_saturating`` (Goodfellow et al. 2014, sec. 3): D minimizes BCE with target 1 on real and
   0 on fake scores; G minimizes BCE with target 1 on fake scores (-log D(G(z)) instead of
   log(1 - D(G(z))), which saturates early in training). The targets are shaped like the
-  *scores*: the seed's ``ones_like(real_data)`` built targets shaped like the images.
+  *scores* (a target built with ``ones_like(real_data)`` would be shaped like the images and
+  broadcast wrongly).
 - ``hinge`` (Lim & Ye 2017; Miyato et al. 2018, eq. 16-17): D minimizes
   E[relu(1 - D(x))] + E[relu(1 + D(G(z)))]; G minimizes -E[D(G(z))].
 - ``wgan_gp`` (Gulrajani et al. 2017, Algorithm 1): the critic minimizes E[D(G(z))] - E[D(x)]

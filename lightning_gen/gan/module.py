@@ -30,7 +30,7 @@ Metrics (the same names as every family where they mean the same thing):
 Distributed training: Lightning wraps the whole module in DDP, and DDP (with
 find_unused_parameters=False, the default) expects every backward to reach every parameter. A D
 step's loss never touches G (the fake batch is drawn without a graph), so it adds
-``0 * sum(G's parameters)``, which gives G a zero gradient at no cost; the G step's loss reaches D
+``zero_gradient_term(G's parameters)`` (0 * their sum), which gives G a zero gradient at no cost; the G step's loss reaches D
 through D(G(z)). This is also why the steps do not use ``toggle_optimizer``: it turns off
 ``requires_grad`` on the other network, whose parameters then never report a gradient, and
 2-process DDP fails with "Expected to have finished reduction in the prior iteration" (Lightning
@@ -47,6 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_gen import checks
 from lightning_gen.base import GenerativeModule, adamw, learning_rate_factor
 from lightning_gen.gan.losses import (
     check_loss,
@@ -68,25 +69,26 @@ def _check_betas(name: str, betas: Sequence[float]) -> tuple[float, float]:
     return betas
 
 
-def zero_weight(parameters) -> Tensor:
-    """0 * sum of the parameters: a term that gives each of them a zero gradient (see the module
-    docstring: it keeps DDP's reducer complete without changing any update)."""
+def zero_gradient_term(parameters) -> Tensor:
+    """0 * sum of the parameters: a loss term that gives each of them a zero gradient (see the
+    module docstring: it keeps DDP's reducer complete without changing any update)."""
     return sum(parameter.sum() for parameter in parameters) * 0.0
 
 
 class GAN(GenerativeModule):
-    """GAN with the seed's MLP pair, a DCGAN pair (28x28 images) or an MLP pair for 2-D data.
+    """GAN with an MLP pair (Goodfellow et al. 2014), a DCGAN pair (Radford et al. 2016; images
+    with H, W divisible by 4) or an MLP pair for 2-D data.
 
     Args:
         data_shape: (C, H, W) images in [0, 1] or (D,) vectors (linked from the data module).
         network: ``"dcgan"`` (images with H, W divisible by 4) or ``"mlp"``; default: dcgan for
             images, mlp for vectors.
         loss: ``"non_saturating"``, ``"hinge"`` or ``"wgan_gp"``.
-        latent_dim: size of z (the seed's 100).
-        generator_hidden_dims: MLP generator widths from z towards the data (the seed's
-            256, 512, 1024).
+        latent_dim: size of z (100, as in Radford et al. 2016).
+        generator_hidden_dims: MLP generator widths from z towards the data (256, 512, 1024,
+            the PyTorch MNIST GAN tutorials' sizes).
         discriminator_hidden_dims: MLP discriminator widths from the data towards the score
-            (the seed's 1024, 512, 256).
+            (1024, 512, 256).
         base_channels: channels of the DCGAN pair's full-resolution layer (doubled below it).
         num_classes: set to make both networks class-conditional (labels from the data module's
             ``y``): label embedding concatenated to z, projection discriminator.
@@ -125,6 +127,7 @@ class GAN(GenerativeModule):
         r1_weight: float = 0.0,
         spectral_norm: bool = False,
         ema_decay: float | None = None,
+        *,
         generator_learning_rate: float = 2e-4,
         discriminator_learning_rate: float = 2e-4,
         generator_betas: Sequence[float] = (0.5, 0.999),
@@ -134,33 +137,25 @@ class GAN(GenerativeModule):
         warmup_steps: int = 0,
         predict_use_ema: bool | None = None,
     ) -> None:
-        super().__init__(data_shape, generator_learning_rate, weight_decay, lr_schedule, warmup_steps)
+        super().__init__(data_shape, learning_rate=generator_learning_rate, weight_decay=weight_decay,
+                         lr_schedule=lr_schedule, warmup_steps=warmup_steps)
         self.save_hyperparameters(ignore=self.EVALUATION_OPTIONS)
         self.automatic_optimization = False
         if network is None:
             network = "dcgan" if self.is_image else "mlp"
         check_loss(loss)
-        if latent_dim < 1:
-            raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
+        checks.at_least(1, latent_dim=latent_dim, base_channels=base_channels, n_critic=n_critic)
         if not generator_hidden_dims or not discriminator_hidden_dims:
             raise ValueError("generator_hidden_dims and discriminator_hidden_dims must name at least one width")
-        if base_channels < 1:
-            raise ValueError(f"base_channels must be >= 1, got {base_channels}")
-        if num_classes is not None and num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2 (or None for an unconditional GAN), got {num_classes}")
-        if n_critic < 1:
-            raise ValueError(f"n_critic must be >= 1, got {n_critic}")
         if gradient_penalty_weight is None:
             gradient_penalty_weight = 10.0 if loss == "wgan_gp" else 0.0
-        if gradient_penalty_weight < 0 or r1_weight < 0:
-            raise ValueError(f"gradient_penalty_weight and r1_weight must be >= 0, got "
-                             f"{gradient_penalty_weight} and {r1_weight}")
+        checks.at_least(0, gradient_penalty_weight=gradient_penalty_weight, r1_weight=r1_weight)
         if discriminator_learning_rate <= 0:
             raise ValueError(f"discriminator_learning_rate must be > 0, got {discriminator_learning_rate}")
-        self.network = network
-        self.loss = loss
+        self.architecture = network
+        self.adversarial_loss = loss
         self.latent_dim = latent_dim
-        self.num_classes = num_classes
+        self.num_classes = checks.optional_classes(num_classes, minimum=2)
         self.n_critic = n_critic
         self.gradient_penalty_weight = gradient_penalty_weight
         self.r1_weight = r1_weight
@@ -179,26 +174,7 @@ class GAN(GenerativeModule):
             raise ValueError("predict_use_ema=True needs a generator average: set ema_decay")
         self.predict_use_ema = predict_use_ema
 
-    # ------------------------------------------------------------------------------ data space
-    def preprocess(self, x: Tensor) -> Tensor:
-        """Data as the data module yields it -> the networks' space: images [0, 1] -> [-1, 1]."""
-        return x * 2.0 - 1.0 if self.is_image else x
-
-    def postprocess(self, x: Tensor) -> Tensor:
-        """The generator's output -> data space: images [-1, 1] -> [0, 1]."""
-        return ((x + 1.0) / 2.0).clamp(0.0, 1.0) if self.is_image else x
-
-    def labels(self, y: Tensor) -> Tensor | None:
-        """The batch's labels when conditional, else None (not range-checked here: that would
-        sync with the device every step; the embedding rejects out-of-range labels)."""
-        return y if self.num_classes is not None else None
-
-    def check_labels(self, y: Tensor) -> Tensor:
-        if y.min() < 0 or y.max() >= self.num_classes:
-            raise ValueError(f"labels must lie in [0, {self.num_classes}), got values in "
-                             f"[{y.min().item()}, {y.max().item()}]")
-        return y
-
+    # ----------------------------------------------------------------------------------- noise
     def noise(self, num_samples: int) -> Tensor:
         return torch.randn(num_samples, self.latent_dim, device=self.device)  # (B, latent_dim)
 
@@ -211,8 +187,8 @@ class GAN(GenerativeModule):
             real = real.detach().requires_grad_(True)
         real_scores = self.discriminator(real, y)  # (B,)
         fake_scores = self.discriminator(fake, y)  # (B,)
-        adversarial = discriminator_loss(self.loss, real_scores, fake_scores)
-        loss = adversarial + zero_weight(self.generator.parameters())
+        adversarial = discriminator_loss(self.adversarial_loss, real_scores, fake_scores)
+        loss = adversarial + zero_gradient_term(self.generator.parameters())
         logs = {"d_real": self.score_summary(real_scores), "d_fake": self.score_summary(fake_scores)}
         if self.gradient_penalty_weight > 0:
             penalty = gradient_penalty(lambda x_hat: self.discriminator(x_hat, y), interpolate(real, fake))
@@ -228,26 +204,38 @@ class GAN(GenerativeModule):
     def generator_step_loss(self, num_samples: int, y: Tensor | None) -> Tensor:
         """The G step's loss on ``num_samples`` fresh samples (with labels y when conditional)."""
         fake = self.generator(self.noise(num_samples), y)  # (B, *data_shape)
-        return generator_loss(self.loss, self.discriminator(fake, y))
+        return generator_loss(self.adversarial_loss, self.discriminator(fake, y))
 
     def score_summary(self, scores: Tensor) -> Tensor:
         """Mean D output: a probability for the non-saturating loss, the raw score otherwise."""
         scores = scores.detach().float()
-        return torch.sigmoid(scores).mean() if self.loss == "non_saturating" else scores.mean()
-
-    def training_losses(self, batch: tuple[Tensor, Tensor]) -> Tensor:
-        """D's and G's losses summed, without stepping: reaches every trainable parameter (used
-        by the contract test; training uses the two steps separately)."""
-        x, y = batch
-        y = self.labels(y)
-        d_loss, _ = self.discriminator_step_loss(self.preprocess(x), y)
-        return d_loss + self.generator_step_loss(len(x), y)
+        return torch.sigmoid(scores).mean() if self.adversarial_loss == "non_saturating" else scores.mean()
 
     # ------------------------------------------------------------------------------ training
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+    def loss(self, batch: tuple[Tensor, Tensor], batch_idx: int, stage: str) -> tuple[Tensor | None, dict]:
+        """Training: D's and G's losses summed, without stepping (reaches every trainable
+        parameter; ``training_step`` takes the two steps separately). Validation and test: the
+        energy distance between the batch and as many samples (None for a batch of one), with
+        the current discriminator's loss and mean scores on the sampling generator's output."""
         x, y = batch
-        y = self.labels(y)
-        real = self.preprocess(x)  # (B, *data_shape)
+        y = self.batch_labels(y)
+        real = self.to_model_space(x)  # (B, *data_shape)
+        if stage == "train":
+            d_loss, _ = self.discriminator_step_loss(real, y)
+            return d_loss + self.generator_step_loss(len(x), y), {}
+        fake = self.generate(len(x), y)  # (B, *data_shape), the sampling generator's
+        real_scores, fake_scores = self.discriminator(real, y), self.discriminator(fake, y)
+        metrics = {"d_loss": discriminator_loss(self.adversarial_loss, real_scores, fake_scores),
+                   "d_real": self.score_summary(real_scores), "d_fake": self.score_summary(fake_scores)}
+        if len(x) < 2:  # the energy distance needs two points per side
+            return None, metrics
+        return energy_distance(self.from_model_space(fake), x), metrics
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """Manual optimization: a D step on every batch, a G step every n_critic-th."""
+        x, y = batch
+        y = self.batch_labels(y)
+        real = self.to_model_space(x)  # (B, *data_shape)
         optimizer_g, optimizer_d = self.optimizers()
         scheduler_g, scheduler_d = self.learning_rate_schedulers()
 
@@ -269,8 +257,7 @@ class GAN(GenerativeModule):
             optimizer_g.step()
             if scheduler_g is not None:
                 scheduler_g.step()
-            if self.generator_ema is not None:
-                self.generator_ema.update(self.generator)
+            self.update_average()
             self.log_metric("train", "g_loss", g_loss, batch_size=len(x))
             self.log_loss("train", g_loss.detach(), len(x))
 
@@ -281,28 +268,6 @@ class GAN(GenerativeModule):
         if schedulers is None:
             return None, None
         return tuple(schedulers)
-
-    def _evaluation_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor | None:
-        x, y = batch
-        y = self.labels(y)
-        real = self.preprocess(x)
-        fake = self.generate(len(x), y)  # (B, *data_shape), the sampling generator's
-        real_scores, fake_scores = self.discriminator(real, y), self.discriminator(fake, y)
-        self.log_metric(stage, "d_loss", discriminator_loss(self.loss, real_scores, fake_scores),
-                        batch_size=len(x))
-        self.log_metric(stage, "d_real", self.score_summary(real_scores), batch_size=len(x))
-        self.log_metric(stage, "d_fake", self.score_summary(fake_scores), batch_size=len(x))
-        if len(x) < 2:  # the energy distance needs two points per side
-            return None
-        distance = energy_distance(self.postprocess(fake), x)
-        self.log_loss(stage, distance, len(x))
-        return distance
-
-    def validation_step(self, batch, batch_idx):
-        return self._evaluation_step(batch, "val")
-
-    def test_step(self, batch, batch_idx):
-        return self._evaluation_step(batch, "test")
 
     # ------------------------------------------------------------------------------ optimizer
     def configure_optimizers(self):
@@ -330,17 +295,13 @@ class GAN(GenerativeModule):
         return max(int(trainer.estimated_stepping_batches), 1)
 
     # ------------------------------------------------------------------------------- sampling
-    def sampling_generator(self, use_ema: bool | None = None) -> nn.Module:
-        if use_ema is None:
-            use_ema = self.generator_ema is not None
-        if use_ema and self.generator_ema is None:
-            raise ValueError("use_ema=True needs a model trained with ema_decay set")
-        return self.generator_ema.averaged if use_ema else self.generator
+    def averaged_network(self) -> tuple[nn.Module, ExponentialMovingAverage | None]:
+        return self.generator, self.generator_ema
 
     def generate(self, num_samples: int, y: Tensor | None, use_ema: bool | None = None) -> Tensor:
         """Generator output (network space) for fresh noise, with batch norm in inference mode
         (samples do not depend on each other nor change the running statistics)."""
-        generator = self.sampling_generator(use_ema)
+        generator = self.sampling_network(use_ema)
         was_training = generator.training
         generator.eval()
         try:
@@ -354,30 +315,13 @@ class GAN(GenerativeModule):
         """Draw samples in data space: (num_samples, *data_shape), images in [0, 1].
 
         Args:
-            y: labels for a class-conditional model: an int (every sample that class) or
-                num_samples labels; default 0, 1, ..., num_classes - 1, 0, 1, ... (every class,
-                in turn). Not allowed for an unconditional model.
+            y: labels for a class-conditional model (see ``GenerativeModule.sampling_labels``:
+                one int, num_samples labels, or by default every class in turn).
             use_ema: sample from the averaged generator (default: when ema_decay was set).
         """
         self.check_num_samples(num_samples)
-        if self.num_classes is None:
-            if y is not None:
-                raise ValueError("y was given, but this GAN is unconditional (num_classes is None)")
-            labels = None
-        else:
-            if y is None:
-                labels = torch.arange(num_samples, device=self.device) % self.num_classes
-            else:
-                labels = torch.as_tensor(y, device=self.device)
-                if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-                    raise TypeError(f"y must hold integer labels, got dtype {labels.dtype}")
-                if labels.dim() == 0:
-                    labels = labels.expand(num_samples)
-                if labels.shape != (num_samples,):
-                    raise ValueError(f"y must be an int or hold num_samples={num_samples} labels, "
-                                     f"got shape {tuple(labels.shape)}")
-                labels = self.check_labels(labels.long())
-        return self.postprocess(self.generate(num_samples, labels, use_ema)).float()
+        labels = self.sampling_labels(y, num_samples)
+        return self.from_model_space(self.generate(num_samples, labels, use_ema)).float()
 
     def predict_options(self) -> dict[str, Any]:
         return {"use_ema": self.predict_use_ema}

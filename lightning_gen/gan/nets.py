@@ -1,7 +1,7 @@
 """Generator and discriminator networks of the GAN family (plain nn.Modules, no Lightning).
 
-Read bottom-up: a label-projection head, then the MLP pair (the seed's 100 -> 784 tanh generator
-and its discriminator, or a small pair for 2-D toy data), then the DCGAN-style conv pair for
+Read bottom-up: a label-projection head, then the MLP pair (a 100 -> 784 tanh generator and its
+discriminator, as in Goodfellow et al. 2014's MNIST experiments, or a small pair for 2-D toy data), then the DCGAN-style conv pair for
 28x28 images (Radford et al. 2016), then ``build_networks`` that picks a pair by name and checks
 that it suits the data shape.
 
@@ -75,7 +75,7 @@ class LabelConcat(nn.Module):
 
 # ------------------------------------------------------------------------------------ MLP pair
 class MLPGenerator(nn.Module):
-    """z (B, latent_dim) -> (B, *data_shape): the seed's generator (100 -> 256 -> 512 -> 1024 ->
+    """z (B, latent_dim) -> (B, *data_shape): an MLP generator (100 -> 256 -> 512 -> 1024 ->
     784, LeakyReLU, tanh) for images; the same MLP with a linear output for vectors."""
 
     def __init__(self, latent_dim: int, hidden_dims: Sequence[int], data_shape: Sequence[int],
@@ -94,7 +94,7 @@ class MLPGenerator(nn.Module):
 
 
 class MLPDiscriminator(nn.Module):
-    """(B, *data_shape) -> (B,): flatten, LeakyReLU MLP (the seed's 784 -> 1024 -> 512 -> 256 -> 1)."""
+    """(B, *data_shape) -> (B,): flatten, LeakyReLU MLP (784 -> 1024 -> 512 -> 256 -> 1)."""
 
     def __init__(self, data_shape: Sequence[int], hidden_dims: Sequence[int],
                  num_classes: int | None = None) -> None:

@@ -6,7 +6,7 @@ upsampled to 299x299; a small classifier trained on MNIST itself gives features 
 digits, is fast on CPU and needs no download. Its numbers compare only with numbers computed with
 the same checkpoint (the cache key of the real statistics includes a hash of its bytes).
 
-    python cli.py fit --config configs/mnist_features.yaml     # >= 99% test accuracy
+    python cli.py features fit --config configs/mnist_features.yaml     # >= 99% test accuracy
 
 Reading order: ``MNISTFeatureNet`` (plain nn.Module: features, then logits), ``MNISTClassifier``
 (trains it), ``FeatureExtractor`` (a frozen wrapper with the interface torchmetrics expects).

@@ -9,7 +9,7 @@ network, runs it, and caches the real images' features on disk.
 Feature networks (``feature_network``):
 - ``"inception"``: torchmetrics' default Inception-v3 pool features (2048-d, the numbers papers
   report; torch-fidelity downloads its weights on first use). Grey images are repeated to RGB.
-- a path to an ``MNISTClassifier`` checkpoint (``python cli.py fit --config
+- a path to an ``MNISTClassifier`` checkpoint (``python cli.py features fit --config
   configs/mnist_features.yaml``): 128-d features of a network trained on MNIST; fast on CPU,
   no download. Numbers compare only between runs that use the same checkpoint.
 
@@ -45,14 +45,14 @@ class InceptionFeatures(nn.Module):
             raise ModuleNotFoundError(
                 "feature_network='inception' needs torch-fidelity: pip install 'lightning-gen[inception]' "
                 "(or pip install torch-fidelity). The MNIST feature network needs nothing extra: "
-                "python cli.py fit --config configs/mnist_features.yaml."
+                "python cli.py features fit --config configs/mnist_features.yaml."
             ) from error
         except (OSError, RuntimeError) as error:  # URLError is an OSError
             raise RuntimeError(
                 "feature_network='inception' needs torch-fidelity's Inception-v3 weights, which could "
                 "not be loaded (they are downloaded on first use into torch.hub's cache, "
                 "~/.cache/torch/hub/checkpoints). Without a network, use the MNIST feature network: "
-                "python cli.py fit --config configs/mnist_features.yaml. Cause: "
+                "python cli.py features fit --config configs/mnist_features.yaml. Cause: "
                 f"{type(error).__name__}: {error}"
             ) from error
         self.num_features = 2048
@@ -91,7 +91,7 @@ def load_feature_network(feature_network: str) -> nn.Module:
     if not Path(feature_network).is_file():
         raise ValueError(
             f"feature_network must be {INCEPTION!r} or the path of an MNISTClassifier checkpoint "
-            f"(train one with: python cli.py fit --config configs/mnist_features.yaml); "
+            f"(train one with: python cli.py features fit --config configs/mnist_features.yaml); "
             f"no file at {feature_network!r}"
         )
     from lightning_gen.metrics.features import load_mnist_feature_extractor

@@ -61,3 +61,13 @@ class ExponentialMovingAverage(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.averaged(*args, **kwargs)
+
+
+def select_network(network: nn.Module, ema: ExponentialMovingAverage | None,
+                   use_ema: bool | None = None) -> nn.Module:
+    """The network to sample with: the average when there is one (``use_ema=None``), or as asked."""
+    if use_ema is None:
+        use_ema = ema is not None
+    if use_ema and ema is None:
+        raise ValueError("use_ema=True needs a model trained with ema_decay set")
+    return ema.averaged if use_ema else network

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_gen import checks
 from lightning_gen.base import GenerativeModule, check_temperature
 from lightning_gen.nn.encoders import build_decoder, build_encoder
 
@@ -62,7 +63,8 @@ class VAE(GenerativeModule):
         test_importance_samples: K of the IWAE bound logged as ``test/nll`` (1000 in the literature).
         importance_chunk_size: importance samples decoded at once (bounds memory).
         predict_temperature: temperature of the samples ``predict`` draws (see ``sample``).
-        learning_rate, weight_decay, lr_schedule, warmup_steps: see GenerativeModule.
+        optimizer_options: learning_rate (default ``DEFAULT_LEARNING_RATE``), weight_decay,
+            lr_schedule, warmup_steps, as keywords: see GenerativeModule.
 
     The importance-sample counts and ``predict_temperature`` change evaluation only: they are not
     saved as hyperparameters, so ``cli.py test/predict --ckpt_path ...`` takes them from the config
@@ -86,32 +88,21 @@ class VAE(GenerativeModule):
         test_importance_samples: int = 1000,
         importance_chunk_size: int = 100,
         predict_temperature: float = 1.0,
-        learning_rate: float = 1e-3,
-        weight_decay: float = 0.0,
-        lr_schedule: str = "constant",
-        warmup_steps: int = 0,
+        **optimizer_options: Any,
     ) -> None:
-        super().__init__(data_shape, learning_rate, weight_decay, lr_schedule, warmup_steps)
+        super().__init__(data_shape, **optimizer_options)
         self.save_hyperparameters(ignore=self.EVALUATION_OPTIONS)
         if likelihood is None:
             likelihood = "bernoulli" if self.is_image else "gaussian"
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"likelihood must be one of {LIKELIHOODS} (or None), got {likelihood!r}")
+        checks.one_of("likelihood", likelihood, LIKELIHOODS)
         if likelihood == "bernoulli" and not self.is_image:
             raise ValueError("likelihood='bernoulli' needs data in [0, 1] (images); use 'gaussian' for vectors")
-        if latent_dim < 1:
-            raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
+        checks.at_least(1, latent_dim=latent_dim, val_importance_samples=val_importance_samples,
+                        test_importance_samples=test_importance_samples,
+                        importance_chunk_size=importance_chunk_size)
+        checks.at_least(0, beta=beta, kl_warmup_steps=kl_warmup_steps)
         if not hidden_dims:
             raise ValueError("hidden_dims must name at least one width")
-        if beta < 0:
-            raise ValueError(f"beta must be >= 0, got {beta}")
-        if kl_warmup_steps < 0:
-            raise ValueError(f"kl_warmup_steps must be >= 0, got {kl_warmup_steps}")
-        for name, value in [("val_importance_samples", val_importance_samples),
-                            ("test_importance_samples", test_importance_samples),
-                            ("importance_chunk_size", importance_chunk_size)]:
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
         self.latent_dim = latent_dim
         self.likelihood = likelihood
         self.beta = beta
@@ -170,22 +161,18 @@ class VAE(GenerativeModule):
         z = self.reparameterize(mu, logvar)  # (B, latent_dim)
         return -self.log_likelihood(x, z), gaussian_kl_to_standard_normal(mu, logvar)
 
-    def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+    def loss(self, batch: tuple[Tensor, Tensor], batch_idx: int, stage: str) -> tuple[Tensor, dict]:
         x = self.preprocess(batch[0])  # (B, *data_shape)
         reconstruction, kl = self.negative_elbo_terms(x)
         weight = self.kl_weight() if stage == "train" else 1.0
-        loss = (reconstruction + weight * kl).mean()
-        self.log_loss(stage, loss, len(x))
-        self.log_metric(stage, "reconstruction", reconstruction.mean(), batch_size=len(x))
-        self.log_metric(stage, "kl", kl.mean(), batch_size=len(x))
+        metrics = {"reconstruction": reconstruction.mean(), "kl": kl.mean()}
         if stage == "train":
-            self.log("train/kl_weight", weight, on_step=True, on_epoch=False)
+            metrics["kl_weight"] = torch.as_tensor(weight)
         else:
             importance_samples = (self.val_importance_samples if stage == "val"
                                   else self.test_importance_samples)
-            nll = -self.log_prob(x, num_samples=importance_samples)
-            self.log_likelihood_metrics(stage, nll)
-        return loss
+            metrics["nll"] = -self.log_prob(x, num_samples=importance_samples)
+        return (reconstruction + weight * kl).mean(), metrics
 
     # ----------------------------------------------------------------------------- likelihood
     @torch.no_grad()
