@@ -133,7 +133,7 @@ def plain_throughput(model, images, labels, args, device) -> float:
 
         def step(batch):
             x, y = batch
-            y = model.labels(y)
+            y = model.batch_labels(y)
             with autocast:
                 d_loss, _ = model.discriminator_step_loss(model.to_model_space(x), y)
             optimizer_d.zero_grad(set_to_none=True)

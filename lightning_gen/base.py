@@ -342,8 +342,8 @@ class GenerativeModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Never write weights of a diverged run (a good last.ckpt stays as it was).
         self.check_finite_training()
-        finite = torch.stack([parameter.detach().isfinite().all() for parameter in self.parameters()])
-        if not bool(finite.all()):
+        finite = [parameter.detach().isfinite().all() for parameter in self.parameters()]
+        if finite and not bool(torch.stack(finite).all()):
             raise DivergenceError(
                 f"{type(self).__name__} has NaN or infinite weights; the checkpoint was not saved. "
                 "Lower the learning rate or add gradient clipping (--trainer.gradient_clip_val 1.0)."
@@ -452,12 +452,6 @@ def adamw(parameters, trainer: L.Trainer | None = None, **options: Any) -> torch
     parameters = list(parameters)
     fused = use_fused_adamw(parameters) and not clips_unscaled_gradients(trainer)
     return torch.optim.AdamW(parameters, fused=fused or None, **options)
-
-
-def check_temperature(temperature: float, name: str = "temperature") -> float:
-    if not temperature > 0:
-        raise ValueError(f"{name} must be > 0, got {temperature}")
-    return temperature
 
 
 def unpack_predict_batch(batch: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:

@@ -14,6 +14,13 @@ def at_least(minimum: float, **values: float) -> None:
             raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
+def positive(**values: float) -> None:
+    """Every value > 0 (a temperature, a rate)."""
+    for name, value in values.items():
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+
+
 def fraction(**values: float) -> None:
     """Every value in [0, 1) (a dropout rate, a probability that must leave something)."""
     for name, value in values.items():

@@ -195,7 +195,7 @@ def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
 
 def check_writable(folder: Path) -> None:
     """Create ``folder`` if needed and write a probe file into it; CLIError if that fails."""
-    probe = folder / ".write_check"
+    probe = folder / f".write_check-{os.getpid()}"  # one per process: DDP ranks check at once
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"")

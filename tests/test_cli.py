@@ -117,6 +117,7 @@ def _cli_subprocess(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.slow
 def test_two_process_ddp_fit_and_synced_validation(run_dir):
     config = str(CONFIGS / "autoencoder_moons.yaml")
     csv_logger = ["--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir",

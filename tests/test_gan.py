@@ -364,6 +364,7 @@ def test_fit_checkpoint_predict_through_the_cli_8gaussians(run_dir):
     assert torch.isfinite(samples).all() and (output / "scatter.png").is_file()
 
 
+@pytest.mark.slow
 def test_two_process_ddp_fit_through_the_cli(tmp_path):
     """DDP on two CPU processes with find_unused_parameters=False (the plain "ddp" strategy): every
     backward must reach every parameter, or the second step fails."""

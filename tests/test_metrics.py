@@ -225,6 +225,7 @@ def test_two_d_callback_logs_mmd_and_sliced_wasserstein(run_dir):
 
 
 # ------------------------------------------------------------------------------------ DDP
+@pytest.mark.slow
 def test_fid_callback_in_a_two_process_ddp_fit(run_dir, mnist_root):
     checkpoint = save_classifier_checkpoint(run_dir / "features.ckpt")
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}

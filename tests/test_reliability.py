@@ -154,6 +154,7 @@ def test_refitting_overwrites_last_ckpt(run_dir):
 
 
 # ------------------------------------------------------------------------------- 4. DDP predict
+@pytest.mark.slow
 @pytest.mark.parametrize("count, batch_size", [(11, 4), (101, 256)])
 def test_two_process_predict_gives_every_sample_once_as_one_process_does(count, batch_size, run_dir):
     config = str(CONFIGS / "autoencoder_moons.yaml")
@@ -251,6 +252,7 @@ def test_bf16_with_gradient_clipping_trains(run_dir):
 
 
 # ------------------------------------------------------------------------------------ 8. kills
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_that_resumes_exactly(tmp_path):
     """Stop a fit with SIGTERM mid-epoch, resume it, and compare the weights with an uninterrupted
     fit of the same number of steps: they must be equal bit for bit (data order, noise, EMA)."""
@@ -407,3 +409,61 @@ def test_a_step_that_outlasts_the_grace_period_is_cut_short(run_dir):
     _, stderr = process.communicate(timeout=30)
     assert process.returncode == 143 and "did not stop within 1 s" in stderr
     assert 0.9 < time.monotonic() - started < 20
+
+
+# ------------------------------------------------------------------ multi-node (issue 18, item 1)
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def two_nodes(*args: str, cwd: Path) -> None:
+    """``cli.py ARGS`` as 2 nodes x 1 process, each node started by torchrun as a cluster launcher
+    would (``--nnodes 2 --node-rank R`` with a loopback master address), on a shared folder."""
+    port = free_port()
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+         "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
+         str(REPO / "cli.py"), *args, "--trainer.num_nodes", "2", "--trainer.devices", "1",
+         "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"],
+        cwd=cwd, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for rank in range(2)]
+    for node in nodes:
+        _, stderr = node.communicate(timeout=300)
+        assert node.returncode == 0, stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_two_nodes_train_validate_and_predict_as_one_process_does(run_dir):
+    config = str(CONFIGS / "autoencoder_moons.yaml")
+    logs = ["--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", "logs",
+            "--trainer.enable_progress_bar", "false"]
+    two_nodes("fit", "--config", config, *logs, "--trainer.logger.name", "fit", "--trainer.max_steps", "3",
+              "--trainer.num_sanity_val_steps", "0", cwd=run_dir)
+    folder = run_dir / "checkpoints" / "autoencoder_moons"
+    assert sorted(path.name for path in folder.glob("last*.ckpt")) == ["last.ckpt"]  # one writer
+    checkpoint = folder / "last.ckpt"
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 3
+
+    two_nodes("validate", "--config", config, *logs, "--trainer.logger.name", "nodes",
+              "--ckpt_path", str(checkpoint), cwd=run_dir)
+    ok(cli("validate", "--config", config, *logs, "--trainer.logger.name", "single", "--trainer.devices", "1",
+           "--trainer.accelerator", "cpu", "--ckpt_path", str(checkpoint), cwd=run_dir))
+    from test_cli import read_metrics
+
+    nodes = read_metrics(run_dir / "logs" / "nodes" / "version_0" / "metrics.csv")["val/loss"]
+    single = read_metrics(run_dir / "logs" / "single" / "version_0" / "metrics.csv")["val/loss"]
+    assert nodes == pytest.approx(single, rel=1e-5)
+
+    predict_args = ["--config", config, *logs, "--ckpt_path", str(checkpoint),
+                    "--data.init_args.num_predict_samples", "11", "--data.init_args.batch_size", "4"]
+    two_nodes("predict", *predict_args, "--prediction_writer.output_dir", "nodes_out", cwd=run_dir)
+    ok(cli("predict", *predict_args, "--trainer.devices", "1", "--trainer.accelerator", "cpu",
+           "--prediction_writer.output_dir", "single_out", cwd=run_dir))
+    on_nodes = torch.load(run_dir / "nodes_out" / "samples.pt")
+    assert len(torch.unique(on_nodes, dim=0)) == 11
+    torch.testing.assert_close(on_nodes, torch.load(run_dir / "single_out" / "samples.pt"), rtol=0, atol=1e-6)

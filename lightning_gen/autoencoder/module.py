@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_gen import checks
-from lightning_gen.base import GenerativeModule, check_temperature
+from lightning_gen.base import GenerativeModule
 from lightning_gen.nn.encoders import build_decoder, build_encoder
 
 RECONSTRUCTION_LOSSES = ("bce", "mse")
@@ -55,7 +55,8 @@ class Autoencoder(GenerativeModule):
     ) -> None:
         super().__init__(data_shape, **optimizer_options)
         self.save_hyperparameters(ignore=self.EVALUATION_OPTIONS)
-        self.predict_temperature = check_temperature(predict_temperature, "predict_temperature")
+        checks.positive(predict_temperature=predict_temperature)
+        self.predict_temperature = predict_temperature
         checks.at_least(1, latent_dim=latent_dim)
         if not hidden_dims:
             raise ValueError("hidden_dims must name at least one width")
@@ -145,7 +146,7 @@ class Autoencoder(GenerativeModule):
     def sample(self, num_samples: int, temperature: float = 1.0) -> Tensor:
         """Decode codes drawn from the Gaussian fitted to the training codes (scaled by temperature)."""
         self.check_num_samples(num_samples)
-        check_temperature(temperature)
+        checks.positive(temperature=temperature)
         eps = torch.randn(num_samples, self.latent_dim, device=self.device)  # (N, latent_dim)
         z = self.latent_mean + temperature * eps @ self.latent_scale_tril.T
         return self.decode(z)

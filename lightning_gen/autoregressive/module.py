@@ -34,7 +34,7 @@ from torch import Tensor
 
 from lightning_gen.autoregressive.nets import PixelCNNNet, PixelTransformerNet
 from lightning_gen import checks
-from lightning_gen.base import GenerativeModule, check_temperature
+from lightning_gen.base import GenerativeModule
 
 PREDICT_MODES = ("sample", "complete")
 
@@ -85,7 +85,7 @@ class AutoregressiveModule(GenerativeModule):
         if predict_given_rows is not None and not 0 <= predict_given_rows <= height:
             raise ValueError(f"predict_given_rows must be in 0..{height} or None (half), "
                              f"got {predict_given_rows}")
-        check_temperature(predict_temperature, "predict_temperature")
+        checks.positive(predict_temperature=predict_temperature)
         self.num_levels = num_levels
         self.num_classes = num_classes
         self.predict_mode = predict_mode

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from lightning_gen import checks
-from lightning_gen.base import GenerativeModule, check_temperature
+from lightning_gen.base import GenerativeModule
 from lightning_gen.flow.layers import DequantizeLogit
 from lightning_gen.flow.nets import VECTOR_MASKS, MultiScaleRealNVP, VectorRealNVP
 
@@ -92,7 +92,8 @@ class RealNVP(GenerativeModule):
     ) -> None:
         super().__init__(data_shape, **optimizer_options)
         self.save_hyperparameters(ignore=self.EVALUATION_OPTIONS)
-        self.predict_temperature = check_temperature(predict_temperature, "predict_temperature")
+        checks.positive(predict_temperature=predict_temperature)
+        self.predict_temperature = predict_temperature
         checks.at_least(1, num_layers=num_layers)
         checks.one_of("mask", mask, VECTOR_MASKS)
         if not hidden_dims or any(width < 1 for width in hidden_dims):
@@ -157,7 +158,7 @@ class RealNVP(GenerativeModule):
         """Invert z ~ N(0, temperature^2 I): (num_samples, *data_shape) in data space; images are
         quantized to the 8-bit levels k / 255 in [0, 1]."""
         self.check_num_samples(num_samples)
-        check_temperature(temperature)
+        checks.positive(temperature=temperature)
         z = temperature * torch.randn(num_samples, self.num_dims, device=self.device)
         x = self.inverse(z)
         return self.quantize(x) if self.preprocessing is not None else x

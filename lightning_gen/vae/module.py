@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_gen import checks
-from lightning_gen.base import GenerativeModule, check_temperature
+from lightning_gen.base import GenerativeModule
 from lightning_gen.nn.encoders import build_decoder, build_encoder
 
 LIKELIHOODS = ("bernoulli", "gaussian")
@@ -110,7 +110,8 @@ class VAE(GenerativeModule):
         self.val_importance_samples = val_importance_samples
         self.test_importance_samples = test_importance_samples
         self.importance_chunk_size = importance_chunk_size
-        self.predict_temperature = check_temperature(predict_temperature, "predict_temperature")
+        checks.positive(predict_temperature=predict_temperature)
+        self.predict_temperature = predict_temperature
         outputs_per_dim = 1 if likelihood == "bernoulli" else 2
         self.encoder = build_encoder(network, self.data_shape, 2 * latent_dim, hidden_dims, base_channels)
         self.decoder = build_decoder(network, latent_dim, self.data_shape, outputs_per_dim,
@@ -205,7 +206,7 @@ class VAE(GenerativeModule):
     def sample(self, num_samples: int, temperature: float = 1.0) -> Tensor:
         """Decode z ~ N(0, temperature^2 I); returns the mean of p(x | z) (pixel probabilities)."""
         self.check_num_samples(num_samples)
-        check_temperature(temperature)
+        checks.positive(temperature=temperature)
         z = temperature * torch.randn(num_samples, self.latent_dim, device=self.device)
         return self.decode(z).float()
 
