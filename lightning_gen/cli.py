@@ -5,11 +5,12 @@
     python cli.py predict --config configs/vae_mnist.yaml --ckpt_path checkpoints/vae_mnist/last.ckpt
     python cli.py features fit --config configs/mnist_features.yaml   # the FID/KID feature network
 
-Every run has four callbacks whatever its config says: ``sample_logger`` (a sample grid or scatter
+Every run has five callbacks whatever its config says: ``sample_logger`` (a sample grid or scatter
 plot after validation, to whichever logger is set), ``prediction_writer`` (what ``predict``
 writes: one PNG per sample, grid.png and samples.pt), ``image_quality`` (FID/KID of image models,
-see lightning_gen.callbacks.ImageQualityMetrics) and ``sample_distance`` (MMD and sliced
-Wasserstein of 2-D models). The last two run after ``test`` by default, so ``cli.py test`` reports
+see lightning_gen.callbacks.ImageQualityMetrics), ``sample_distance`` (MMD and sliced
+Wasserstein of 2-D models) and ``checkpoint_on_terminate`` (last.ckpt on SIGTERM). The quality
+metrics run after ``test`` by default, so ``cli.py test`` reports
 every metric that applies to the model; ``--image_quality.every_n_epochs N`` adds them to
 validation. The model's ``data_shape`` is taken from the data module, so any image model runs on
 MNIST and any vector model on the toy data unchanged.
