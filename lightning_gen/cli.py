@@ -259,12 +259,21 @@ def error_message(error: BaseException) -> str:
     return str(chosen) or type(chosen).__name__
 
 
+def close_process_group() -> None:
+    """Close a distributed run's process group before the interpreter exits: Lightning leaves it
+    open (so a script can go on with another Trainer call), and gloo's connections torn down at
+    exit can abort a rank while the others are still closing."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def console_main(args: list[str] | None = None) -> None:
     """``cli.py`` and the ``lightning-gen`` command: ``main`` with errors as one line and exit
     statuses a scheduler can trust (see the module docstring)."""
     install_termination_deadline()
     try:
         main(args)
+        close_process_group()
     except SIGTERMException:
         sys.stderr.write("error: stopped by SIGTERM (last.ckpt saved where a ModelCheckpoint "
                          "folder is set; resume with fit --ckpt_path last)\n")
