@@ -76,7 +76,7 @@ def zero_gradient_term(parameters) -> Tensor:
 
 
 class GAN(GenerativeModule):
-    """GAN with an MLP pair (Goodfellow et al. 2014), a DCGAN pair (Radford et al. 2016; images
+    """GAN with an MLP pair, a DCGAN pair (Radford et al. 2016; images
     with H, W divisible by 4) or an MLP pair for 2-D data.
 
     Args:
@@ -85,8 +85,7 @@ class GAN(GenerativeModule):
             images, mlp for vectors.
         loss: ``"non_saturating"``, ``"hinge"`` or ``"wgan_gp"``.
         latent_dim: size of z (100, as in Radford et al. 2016).
-        generator_hidden_dims: MLP generator widths from z towards the data (256, 512, 1024,
-            the PyTorch MNIST GAN tutorials' sizes).
+        generator_hidden_dims: MLP generator widths from z towards the data (256, 512, 1024).
         discriminator_hidden_dims: MLP discriminator widths from the data towards the score
             (1024, 512, 256).
         base_channels: channels of the DCGAN pair's full-resolution layer (doubled below it).

@@ -1,7 +1,7 @@
 """Generator and discriminator networks of the GAN family (plain nn.Modules, no Lightning).
 
-Read bottom-up: a label-projection head, then the MLP pair (a 100 -> 784 tanh generator and its
-discriminator, as in Goodfellow et al. 2014's MNIST experiments, or a small pair for 2-D toy data), then the DCGAN-style conv pair for
+Read bottom-up: a label-projection head, then the MLP pair (a 100 -> 784 generator with a tanh
+output and its discriminator, or a small pair for 2-D toy data), then the DCGAN-style conv pair for
 28x28 images (Radford et al. 2016), then ``build_networks`` that picks a pair by name and checks
 that it suits the data shape.
 
