@@ -23,6 +23,17 @@ from torch import Tensor
 BatchTransform = Callable[[Sequence[Tensor]], tuple[Tensor, ...]]
 
 
+def check_batching(tensors: Sequence[Tensor], batch_size: int, rank: int, world_size: int) -> None:
+    """The arguments every batch iterable of the data modules shares: tensors of one length, a
+    positive batch size, a rank among world_size processes."""
+    if not tensors or any(len(tensor) != len(tensors[0]) for tensor in tensors):
+        raise ValueError("tensors must be a non-empty sequence of tensors of the same length")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
+
+
 class DeviceBatches:
     """An iterable of batches cut from ``tensors`` (all of the same length, on one device).
 
@@ -56,12 +67,7 @@ class DeviceBatches:
         epoch: Callable[[], int] | None = None,
         progress: Callable[[], int] | None = None,
     ) -> None:
-        if not tensors or any(len(tensor) != len(tensors[0]) for tensor in tensors):
-            raise ValueError("tensors must be a non-empty sequence of tensors of the same length")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
+        check_batching(tensors, batch_size, rank, world_size)
         if drop_last and len(tensors[0]) // world_size < batch_size:
             raise ValueError(
                 f"{len(tensors[0])} examples over {world_size} ranks give less than one batch of "

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-BatchTransform = Callable[[Sequence[Tensor]], tuple[Tensor, ...]]
+from datamodules.device import BatchTransform, check_batching
 
 
 def fit_progress(datamodule) -> Callable[[], int] | None:
@@ -104,12 +104,7 @@ class PredictBatches:
 
     def __init__(self, tensors: Sequence[Tensor], batch_size: int, rank: int = 0, world_size: int = 1,
                  transform: BatchTransform | None = None) -> None:
-        if not tensors or any(len(tensor) != len(tensors[0]) for tensor in tensors):
-            raise ValueError("tensors must be a non-empty sequence of tensors of the same length")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
+        check_batching(tensors, batch_size, rank, world_size)
         self.tensors = tuple(tensors)
         self.batch_size = batch_size
         self.rank = rank

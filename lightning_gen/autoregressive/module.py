@@ -168,8 +168,7 @@ class AutoregressiveModule(GenerativeModule):
         Positions given in every image of the batch are skipped (no network call, no random
         draw); the others are drawn for the whole batch and kept where not given.
         """
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        checks.positive(temperature=temperature)
         C, H, W = self.data_shape
         levels = levels.clone()
         images = self.levels_to_images(levels)  # (B, C, H, W), the network's input

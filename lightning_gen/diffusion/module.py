@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from lightning_gen import checks
 from lightning_gen.base import GenerativeModule
 from lightning_gen.diffusion.nets import MLPDenoiser, UNet
-from lightning_gen.diffusion.samplers import SAMPLERS, sampling_loop
+from lightning_gen.diffusion.samplers import SAMPLERS, check_eta, sampling_loop
 from lightning_gen.diffusion.schedule import NoiseSchedule
 from lightning_gen.nn.ema import ExponentialMovingAverage
 
@@ -242,7 +242,7 @@ class Diffusion(GenerativeModule):
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         if steps is None and sampler == "ddim":
             steps = self.predict_steps  # None: 50 (or T when T < 50)
-        eta = self.predict_eta if eta is None else check_eta(eta, "eta")
+        eta = self.predict_eta if eta is None else eta  # checked by the sampling loop
         guidance_scale = self.guidance_scale if guidance_scale is None else guidance_scale
         if guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
@@ -262,12 +262,3 @@ class Diffusion(GenerativeModule):
 
     def predict_options(self) -> dict[str, Any]:
         return {"sampler": self.predict_sampler, "steps": self.predict_steps, "eta": self.predict_eta}
-
-
-def check_eta(eta: float, name: str) -> float:
-    """DDIM's eta scales sigma_t between 0 (deterministic) and 1 (the DDPM posterior's variance,
-    Song et al. 2021, eq. 16); above 1 the coefficient sqrt(1 - alpha_{t-1} - sigma_t^2) of eq. 12
-    has no real value."""
-    if not 0.0 <= eta <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1] (0: deterministic DDIM, 1: DDPM's variance), got {eta}")
-    return eta

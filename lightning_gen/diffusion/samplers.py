@@ -35,6 +35,16 @@ SAMPLERS = ("ddpm", "ddim")
 Denoiser = Callable[[Tensor, Tensor], Tensor]  # (x_t (B, ...), t (B,)) -> eps (B, ...)
 
 
+def check_eta(eta: float, name: str = "eta") -> float:
+    """DDIM's eta scales sigma_t between 0 (deterministic) and 1 (the DDPM posterior's variance,
+    Song et al. 2021, eq. 16); above 1 the coefficient sqrt(1 - alpha_{t-1} - sigma_t^2) of eq. 12
+    has no real value."""
+    if not isinstance(eta, (int, float)) or isinstance(eta, bool) or not 0.0 <= eta <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1] (0: deterministic DDIM, 1: DDPM's variance), "
+                         f"got {eta!r}")
+    return eta
+
+
 def denoised_prediction(schedule: NoiseSchedule, x_t: Tensor, t: Tensor, eps: Tensor,
                         clip_denoised: bool) -> tuple[Tensor, Tensor]:
     """x_0_hat from the predicted noise, optionally clipped to [-1, 1], and the matching eps
@@ -117,8 +127,7 @@ def sampling_loop(denoise: Denoiser, schedule: NoiseSchedule, x_T: Tensor, sampl
         steps = num_timesteps
     elif steps is None:
         steps = min(50, num_timesteps)
-    if not isinstance(eta, (int, float)) or isinstance(eta, bool) or eta < 0:
-        raise ValueError(f"eta must be a float >= 0, got {eta!r}")
+    check_eta(eta)
     timesteps = schedule.timesteps(steps)  # Python ints, decreasing, ending at 0 when steps > 1
     previous = timesteps[1:] + [-1]
     batch_size, device = x_T.shape[0], x_T.device
