@@ -41,6 +41,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_gen import Diffusion  # noqa: E402
+from lightning_gen.diffusion import MLPDenoiserConfig, UNetConfig  # noqa: E402
 
 
 def hardware(device: str) -> str:
@@ -60,9 +61,9 @@ def autocast(device: str, bf16: bool):
 
 # ------------------------------------------------------------------------------------- speed
 def ours(args, channels_last: bool):
-    model = Diffusion((1, args.image_size, args.image_size), base_channels=32,
-                      channel_multipliers=(1, 2, 4), num_res_blocks=2, attention_levels=(2,),
-                      num_heads=4, ema_decay=None).to(args.device)
+    model = Diffusion((1, args.image_size, args.image_size), ema_decay=None, unet=UNetConfig(
+        base_channels=32, channel_multipliers=(1, 2, 4), num_res_blocks=2, attention_levels=(2,),
+        num_heads=4)).to(args.device)
     if channels_last:
         model.network.to(memory_format=torch.channels_last)
     trained = model.network
@@ -218,14 +219,14 @@ def quality(args) -> None:
     L.seed_everything(0)
     if args.data == "mnist":
         data = MNISTDataModule(batch_size=args.batch_sizes[0], download=True)
-        model = Diffusion(data.data_shape, num_timesteps=1000, base_channels=args.base_channels,
-                          channel_multipliers=(1, 2, 4), num_res_blocks=args.num_res_blocks,
-                          attention_levels=(2,), ema_decay=args.ema_decay, learning_rate=args.learning_rate,
+        model = Diffusion(data.data_shape, num_timesteps=1000, ema_decay=args.ema_decay, unet=UNetConfig(
+                          base_channels=args.base_channels, channel_multipliers=(1, 2, 4),
+                          num_res_blocks=args.num_res_blocks, attention_levels=(2,)), learning_rate=args.learning_rate,
                           lr_schedule="constant", warmup_steps=200)
     else:
         data = ToyDataModule(args.data, batch_size=args.batch_sizes[0])
         model = Diffusion(data.data_shape, num_timesteps=1000, beta_schedule="cosine", prediction="v",
-                          hidden_dim=128, num_layers=3, ema_decay=args.ema_decay,
+                          mlp=MLPDenoiserConfig(hidden_dim=128, num_layers=3), ema_decay=args.ema_decay,
                           learning_rate=args.learning_rate, warmup_steps=200)
     timer = Timer(duration=datetime.timedelta(minutes=args.budget_minutes), interval="step")
     trainer = L.Trainer(accelerator="gpu" if args.device.startswith("cuda") else "cpu", devices=1,

@@ -55,8 +55,8 @@ FAMILIES = {
     "realnvp": ("realnvp_mnist.yaml",
                 dict(num_scales=2, couplings_per_scale=2, hidden_channels=16, num_blocks=1), {}),
     "diffusion": ("diffusion_mnist.yaml",
-                  dict(base_channels=16, channel_multipliers=(1, 2), num_res_blocks=1,
-                       attention_levels=(), num_heads=1),
+                  dict(unet=dict(base_channels=16, channel_multipliers=(1, 2), num_res_blocks=1,
+                                 attention_levels=(), num_heads=1)),
                   {"sampler": "ddim", "steps": 50}),
 }
 

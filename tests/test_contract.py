@@ -26,6 +26,7 @@ from lightning_gen import VAE, Autoencoder
 from lightning_gen import PixelCNN, PixelTransformer
 from lightning_gen import GAN
 from lightning_gen import Diffusion
+from lightning_gen.diffusion import MLPDenoiserConfig, UNetConfig
 from lightning_gen import RealNVP
 from lightning_gen.base import GenerativeModule
 
@@ -78,16 +79,16 @@ FAMILIES: dict[str, Family] = {
                           discriminator_hidden_dims=(16,), loss="wgan_gp", r1_weight=1.0),
         "8gaussians"),
     "diffusion_unet": Family(
-        lambda shape: Diffusion(shape, num_timesteps=20, base_channels=4, channel_multipliers=(1, 2),
-                                num_res_blocks=1, attention_levels=(1,), num_heads=1, ema_decay=0.9),
+        lambda shape: Diffusion(shape, num_timesteps=20, ema_decay=0.9, unet=UNetConfig(
+            base_channels=4, channel_multipliers=(1, 2), num_res_blocks=1, attention_levels=(1,), num_heads=1)),
         "mnist", sample_options={"steps": 4}),
     "diffusion_unet_conditional_ddpm": Family(
-        lambda shape: Diffusion(shape, num_timesteps=8, base_channels=4, channel_multipliers=(1, 2),
-                                num_res_blocks=1, attention_levels=(), num_heads=1,
+        lambda shape: Diffusion(shape, num_timesteps=8, unet=UNetConfig(
+            base_channels=4, channel_multipliers=(1, 2), num_res_blocks=1, attention_levels=(), num_heads=1),
                                 prediction="v", num_classes=10, guidance_scale=2.0), "mnist",
         sample_options={"sampler": "ddpm", "y": 3}),
     "diffusion_toy": Family(
-        lambda shape: Diffusion(shape, num_timesteps=20, prediction="v", hidden_dim=16, num_layers=1),
+        lambda shape: Diffusion(shape, num_timesteps=20, prediction="v", mlp=MLPDenoiserConfig(16, 1)),
         "moons", sample_options={"steps": 5, "eta": 1.0}),
     "realnvp_toy": Family(
         lambda shape: RealNVP(shape, num_layers=2, hidden_dims=(16,)), "8gaussians",

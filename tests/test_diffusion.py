@@ -12,7 +12,7 @@ from torch import nn
 
 from datamodules import ToyDataModule, sample_toy
 from lightning_gen import Diffusion
-from lightning_gen.diffusion.nets import UNet
+from lightning_gen.nn.denoisers import MLPDenoiserConfig, UNet, UNetConfig
 from lightning_gen.diffusion.samplers import ddim_step, ddpm_step, sampling_loop
 from lightning_gen.diffusion.schedule import NoiseSchedule
 from lightning_gen.nn import ExponentialMovingAverage
@@ -30,8 +30,9 @@ def single_thread():
 
 
 def tiny_unet_model(**overrides) -> Diffusion:
-    settings = dict(num_timesteps=20, base_channels=8, channel_multipliers=(1, 2), num_res_blocks=1,
-                    attention_levels=(1,), num_heads=2, norm_groups=4, predict_steps=5)
+    settings = dict(num_timesteps=20, predict_steps=5,
+                    unet=UNetConfig(base_channels=8, channel_multipliers=(1, 2), num_res_blocks=1,
+                                    attention_levels=(1,), num_heads=2, norm_groups=4))
     settings.update(overrides)
     return Diffusion((1, 28, 28), **settings)
 
@@ -138,7 +139,7 @@ def test_ddim_with_eta_one_and_all_steps_is_the_ddpm_posterior_step(clip_denoise
 
 def test_ddim_with_eta_zero_is_deterministic_given_x_T():
     torch.manual_seed(0)
-    model = Diffusion((2,), num_timesteps=50, hidden_dim=16, num_layers=1).eval()
+    model = Diffusion((2,), num_timesteps=50, mlp=MLPDenoiserConfig(16, 1)).eval()
     x_T = torch.randn(6, 2)
     torch.manual_seed(1)
     first = model.sample(6, sampler="ddim", steps=10, eta=0.0, x_T=x_T)
@@ -170,7 +171,7 @@ def test_sample_trajectory_ends_at_the_sample():
 
 
 def test_bad_sampler_arguments_raise():
-    model = Diffusion((2,), num_timesteps=20, hidden_dim=8, num_layers=1)
+    model = Diffusion((2,), num_timesteps=20, mlp=MLPDenoiserConfig(8, 1))
     with pytest.raises(ValueError, match="sampler"):
         model.sample(2, sampler="euler")
     with pytest.raises(ValueError, match="all T"):
@@ -195,6 +196,27 @@ def test_unet_keeps_the_shape_of_odd_sized_images():
 
 
 # ---------------------------------------------------------------------------------------- EMA
+def test_network_options_are_one_group_per_network_and_checkpoint_as_plain_dicts(tmp_path):
+    model = Diffusion((2,), num_timesteps=10, mlp=MLPDenoiserConfig(hidden_dim=12, num_layers=2))
+    assert model.network.input_layer.out_features == 12 and len(model.network.blocks) == 2
+    # The group of the other data kind is refused when changed, never silently ignored.
+    with pytest.raises(ValueError, match="unet options apply to images"):
+        Diffusion((2,), unet=UNetConfig(base_channels=8))
+    with pytest.raises(ValueError, match="mlp options apply to vector data"):
+        Diffusion((1, 8, 8), mlp=MLPDenoiserConfig(hidden_dim=8))
+    # Saved as dicts (a weights-only load can read them) and rebuilt into the same network.
+    path = tmp_path / "model.ckpt"
+    trainer = L.Trainer(max_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(path)
+    hyperparameters = torch.load(path, weights_only=True)["hyper_parameters"]
+    assert hyperparameters["mlp"] == {"hidden_dim": 12, "num_layers": 2}
+    restored = Diffusion.load_from_checkpoint(path)
+    assert restored.network.input_layer.out_features == 12
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, restored.state_dict()[name]), name
+
+
 def test_ema_update_math():
     network = nn.Linear(3, 2)
     ema = ExponentialMovingAverage(network, decay=0.9, warmup=False)
@@ -226,7 +248,7 @@ class RecordWeights(Callback):
 
 def test_ema_follows_each_optimizer_step_and_is_checkpointed(tmp_path):
     torch.manual_seed(0)
-    model = Diffusion((2,), num_timesteps=20, prediction="v", hidden_dim=8, num_layers=1,
+    model = Diffusion((2,), num_timesteps=20, prediction="v", mlp=MLPDenoiserConfig(8, 1),
                       ema_decay=0.5, learning_rate=1e-2)
     initial = [p.detach().clone() for p in model.network.parameters()]
     recorder = RecordWeights()
@@ -287,7 +309,7 @@ def test_conditional_sampling_honours_labels():
     # v-prediction: well conditioned at the noisy end for unbounded vectors (see schedule.py).
     points, labels = sample_toy("moons", 4096, seed=0)
     model = Diffusion((2,), num_timesteps=100, beta_schedule="cosine", prediction="v",
-                      hidden_dim=64, num_layers=2,
+                      mlp=MLPDenoiserConfig(hidden_dim=64, num_layers=2),
                       num_classes=2, label_dropout=0.2, guidance_scale=1.0, ema_decay=None)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     for step in range(300):
@@ -327,15 +349,15 @@ def test_conditional_sampling_honours_labels():
 
 
 # ---------------------------------------------------------------------------------------- CLI
-TINY_UNET = ["--model.init_args.num_timesteps", "20", "--model.init_args.base_channels", "4",
-             "--model.init_args.channel_multipliers", "[1, 2]", "--model.init_args.num_res_blocks", "1",
-             "--model.init_args.attention_levels", "[1]", "--model.init_args.num_heads", "1",
+TINY_UNET = ["--model.init_args.num_timesteps", "20", "--model.init_args.unet.base_channels", "4",
+             "--model.init_args.unet.channel_multipliers", "[1, 2]", "--model.init_args.unet.num_res_blocks", "1",
+             "--model.init_args.unet.attention_levels", "[1]", "--model.init_args.unet.num_heads", "1",
              "--model.init_args.predict_steps", "5", "--data.init_args.batch_size", "8",
              "--data.init_args.num_predict_samples", "6", "--data.init_args.download", "false"]
 
 
 def test_cli_fit_checkpoint_predict_moons(run_dir):
-    output = fit_and_predict("diffusion_moons.yaml", run_dir, "--model.init_args.hidden_dim", "16",
+    output = fit_and_predict("diffusion_moons.yaml", run_dir, "--model.init_args.mlp.hidden_dim", "16",
                              "--model.init_args.num_timesteps", "50", "--data.init_args.num_train", "256",
                              "--data.init_args.num_predict_samples", "300")
     samples = torch.load(output / "samples.pt")

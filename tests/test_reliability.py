@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gen import GAN, VAE, Autoencoder, Diffusion, RealNVP
 from lightning_gen.base import DivergenceError
+from lightning_gen.diffusion import MLPDenoiserConfig
 
 ALL_CONFIGS = sorted(path.name for path in CONFIGS.glob("*.yaml"))
 TINY_FIT = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "2",
@@ -178,7 +179,7 @@ TOY_FAMILIES = {
     "vae": lambda: VAE((2,), network="mlp", latent_dim=2, hidden_dims=(8,)),
     "gan": lambda: GAN((2,), latent_dim=2, generator_hidden_dims=(8,), discriminator_hidden_dims=(8,)),
     "realnvp": lambda: RealNVP((2,), num_layers=2, hidden_dims=(8,)),
-    "diffusion": lambda: Diffusion((2,), num_timesteps=10, hidden_dim=8, num_layers=1),
+    "diffusion": lambda: Diffusion((2,), num_timesteps=10, mlp=MLPDenoiserConfig(8, 1)),
 }
 
 
@@ -264,7 +265,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes_exactly(tmp_path):
               "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
               "--trainer.accelerator", "cpu", "--trainer.max_steps", str(steps),
               "--trainer.check_val_every_n_epoch", "1",
-              "--model.init_args.hidden_dim", "16", "--model.init_args.num_layers", "1"]
+              "--model.init_args.mlp.hidden_dim", "16", "--model.init_args.mlp.num_layers", "1"]
     environment = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
     killed = tmp_path / "killed"
     killed.mkdir()
@@ -378,8 +379,8 @@ def test_a_second_smaller_predict_leaves_no_stale_images(run_dir):
 @pytest.mark.parametrize("eta", [-1.0, 50.0])
 def test_eta_outside_zero_one_is_refused_at_construction_and_sampling(eta):
     with pytest.raises(ValueError, match=r"predict_eta must be in \[0, 1\]"):
-        Diffusion((2,), num_timesteps=10, hidden_dim=8, num_layers=1, predict_eta=eta)
-    model = Diffusion((2,), num_timesteps=10, hidden_dim=8, num_layers=1)
+        Diffusion((2,), num_timesteps=10, mlp=MLPDenoiserConfig(8, 1), predict_eta=eta)
+    model = Diffusion((2,), num_timesteps=10, mlp=MLPDenoiserConfig(8, 1))
     with pytest.raises(ValueError, match=r"eta must be in \[0, 1\]"):
         model.sample(2, eta=eta)
 

@@ -39,9 +39,9 @@ from torch import Tensor, nn
 
 from lightning_gen import checks
 from lightning_gen.base import GenerativeModule
-from lightning_gen.diffusion.nets import MLPDenoiser, UNet
 from lightning_gen.diffusion.samplers import SAMPLERS, check_eta, sampling_loop
 from lightning_gen.diffusion.schedule import NoiseSchedule
+from lightning_gen.nn.denoisers import MLPDenoiserConfig, UNetConfig, time_network
 from lightning_gen.nn.ema import ExponentialMovingAverage
 
 PREDICTIONS = ("epsilon", "v")
@@ -55,10 +55,10 @@ class Diffusion(GenerativeModule):
         num_timesteps: T, the number of diffusion steps.
         beta_schedule: ``"linear"`` (Ho et al. 2020) or ``"cosine"`` (Nichol & Dhariwal 2021).
         prediction: what the network predicts: ``"epsilon"`` (the noise) or ``"v"``.
-        base_channels, channel_multipliers, num_res_blocks, attention_levels, num_heads,
-            norm_groups: the U-Net (images; see ``nets.UNet``).
-        dropout: dropout in the U-Net's residual blocks.
-        hidden_dim, num_layers: the MLP denoiser (vectors).
+        unet: the U-Net for images (``UNetConfig``: base_channels, channel_multipliers,
+            num_res_blocks, attention_levels, num_heads, norm_groups, dropout), a nested group:
+            ``unet: {base_channels: 64}`` in a config, ``--model.init_args.unet.base_channels 64``.
+        mlp: the residual MLP for vectors (``MLPDenoiserConfig``: hidden_dim, num_layers).
         num_classes: number of labels for a class-conditional model (None: unconditional).
         label_dropout: probability of training with the null label (classifier-free guidance).
         guidance_scale: default guidance scale of ``sample`` for conditional models (1: none).
@@ -86,15 +86,8 @@ class Diffusion(GenerativeModule):
         num_timesteps: int = 1000,
         beta_schedule: str = "linear",
         prediction: str = "epsilon",
-        base_channels: int = 32,
-        channel_multipliers: Sequence[int] = (1, 2, 4),
-        num_res_blocks: int = 2,
-        attention_levels: Sequence[int] = (2,),
-        num_heads: int = 4,
-        norm_groups: int = 32,
-        dropout: float = 0.0,
-        hidden_dim: int = 128,
-        num_layers: int = 3,
+        unet: UNetConfig = UNetConfig(),
+        mlp: MLPDenoiserConfig = MLPDenoiserConfig(),
         num_classes: int | None = None,
         label_dropout: float = 0.1,
         guidance_scale: float = 1.0,
@@ -109,7 +102,7 @@ class Diffusion(GenerativeModule):
         self.save_hyperparameters(ignore=self.EVALUATION_OPTIONS)
         checks.one_of("prediction", prediction, PREDICTIONS)
         checks.one_of("predict_sampler", predict_sampler, SAMPLERS)
-        checks.fraction(label_dropout=label_dropout, dropout=dropout)
+        checks.fraction(label_dropout=label_dropout)
         checks.at_least(0, guidance_scale=guidance_scale)
         check_eta(predict_eta, "predict_eta")
         if num_classes is not None and label_dropout == 0.0 and guidance_scale != 1.0:
@@ -123,12 +116,8 @@ class Diffusion(GenerativeModule):
         self.predict_steps = predict_steps
         self.predict_eta = predict_eta
         self.schedule = NoiseSchedule(num_timesteps, beta_schedule)
-        if self.is_image:
-            self.network: nn.Module = UNet(
-                self.data_shape[0], base_channels, channel_multipliers, num_res_blocks,
-                attention_levels, num_heads, dropout, num_classes, norm_groups)
-        else:
-            self.network = MLPDenoiser(self.data_shape[0], hidden_dim, num_layers, num_classes)
+        self.network, groups = time_network(self.data_shape, unet, mlp, num_classes)
+        self.hparams.update(groups)  # plain dicts: a checkpoint stays loadable weights-only
         self.ema = ExponentialMovingAverage(self.network, ema_decay) if ema_decay is not None else None
         # The sampling defaults are checked now rather than at the end of a long fit.
         if predict_steps is not None and not 1 <= predict_steps <= num_timesteps:

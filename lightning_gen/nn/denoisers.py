@@ -1,8 +1,10 @@
-"""Denoising networks (plain nn.Modules): a U-Net for images and an MLP for vectors.
+"""Networks of the continuous-data families (Diffusion's denoiser, FlowMatching's velocity field):
+a U-Net for images and a residual MLP for vectors, with the option groups that build them.
 
 Read bottom-up: the timestep embedding, the U-Net's blocks (residual block, self-attention,
 down/up-sampling), the U-Net, then the MLP denoiser. Both networks map (x_t, t, y) to a tensor of
-x_t's shape (the predicted noise eps, or v); ``y`` is a class label in 0 .. num_classes - 1, or
+x_t's shape (the predicted noise eps, v, or a velocity); ``t`` is an integer timestep or a
+real time (the sinusoidal embedding takes either); ``y`` is a class label in 0 .. num_classes - 1, or
 ``num_classes`` for "no label" (the null label of classifier-free guidance, Ho & Salimans 2021).
 
 The U-Net follows Ho et al. 2020 (appendix B; the PixelCNN++ / Wide-ResNet backbone): residual
@@ -15,7 +17,8 @@ padding the images.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -288,3 +291,66 @@ class MLPDenoiser(nn.Module):
         for block in self.blocks:
             h = block(h, embedding)
         return self.output_layer(F.silu(self.output_norm(h)))
+
+
+# ----------------------------------------------------------------------------- option groups
+@dataclass(frozen=True)
+class UNetConfig:
+    """The U-Net's size, one nested group of a family's arguments (``unet:`` in a config,
+    ``--model.init_args.unet.base_channels 64`` on the command line). See ``UNet`` for each field.
+    """
+
+    base_channels: int = 32
+    channel_multipliers: tuple[int, ...] = (1, 2, 4)
+    num_res_blocks: int = 2
+    attention_levels: tuple[int, ...] = (2,)
+    num_heads: int = 4
+    norm_groups: int = 32
+    dropout: float = 0.0
+
+    def build(self, in_channels: int, num_classes: int | None = None) -> UNet:
+        return UNet(in_channels, self.base_channels, tuple(self.channel_multipliers), self.num_res_blocks,
+                    tuple(self.attention_levels), self.num_heads, self.dropout, num_classes,
+                    self.norm_groups)
+
+
+@dataclass(frozen=True)
+class MLPDenoiserConfig:
+    """The residual MLP's size for vector data (``mlp:`` in a config). See ``MLPDenoiser``."""
+
+    hidden_dim: int = 128
+    num_layers: int = 3
+
+    def build(self, data_dim: int, num_classes: int | None = None) -> MLPDenoiser:
+        return MLPDenoiser(data_dim, self.hidden_dim, self.num_layers, num_classes)
+
+
+def as_config(cls: type, value: object) -> object:
+    """A config dataclass from itself or from a mapping of its fields (how a checkpoint's
+    hyperparameters hold it)."""
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, Mapping):
+        return cls(**value)
+    raise TypeError(f"expected a {cls.__name__} or a mapping of its fields, got {type(value).__name__}")
+
+
+def time_network(data_shape: Sequence[int], unet: UNetConfig | Mapping, mlp: MLPDenoiserConfig | Mapping,
+                 num_classes: int | None) -> tuple[nn.Module, dict[str, dict]]:
+    """The network ``(x, t, y) -> tensor of x's shape`` for (C, H, W) images (the U-Net) or (D,)
+    vectors (the MLP), and both groups as plain dicts (for the checkpoint's hyperparameters).
+
+    Only one group applies to a data shape; changing the other from its defaults is refused, so
+    that a command-line option is never silently ignored."""
+    unet, mlp = as_config(UNetConfig, unet), as_config(MLPDenoiserConfig, mlp)
+    if len(data_shape) == 3:
+        if mlp != MLPDenoiserConfig():
+            raise ValueError(f"the mlp options apply to vector data, not to images {tuple(data_shape)}: "
+                             "set the unet options instead")
+        network: nn.Module = unet.build(data_shape[0], num_classes)
+    else:
+        if unet != UNetConfig():
+            raise ValueError(f"the unet options apply to images, not to vectors {tuple(data_shape)}: "
+                             "set the mlp options instead")
+        network = mlp.build(data_shape[0], num_classes)
+    return network, {"unet": asdict(unet), "mlp": asdict(mlp)}
