@@ -13,6 +13,7 @@ from torch import nn
 from datamodules import ToyDataModule, sample_toy
 from lightning_gen import Diffusion
 from lightning_gen.nn.denoisers import MLPDenoiserConfig, UNet, UNetConfig
+from lightning_gen.nn.guidance import drop_labels
 from lightning_gen.diffusion.samplers import ddim_step, ddpm_step, sampling_loop
 from lightning_gen.diffusion.schedule import NoiseSchedule
 from lightning_gen.nn import ExponentialMovingAverage
@@ -315,7 +316,7 @@ def test_conditional_sampling_honours_labels():
     for step in range(300):
         index = torch.randint(0, len(points), (256,))
         optimizer.zero_grad()
-        model.diffusion_loss(points[index], model.drop_labels(labels[index])).backward()
+        model.diffusion_loss(points[index], drop_labels(labels[index], 2, model.label_dropout)).backward()
         optimizer.step()
     model.eval()
     class_means = torch.stack([points[labels == k].mean(0) for k in (0, 1)])  # (2, 2)

@@ -43,6 +43,7 @@ from lightning_gen.diffusion.samplers import SAMPLERS, check_eta, sampling_loop
 from lightning_gen.diffusion.schedule import NoiseSchedule
 from lightning_gen.nn.denoisers import MLPDenoiserConfig, UNetConfig, time_network
 from lightning_gen.nn.ema import ExponentialMovingAverage
+from lightning_gen.nn.guidance import check_guidance, drop_labels, guided
 
 PREDICTIONS = ("epsilon", "v")
 
@@ -103,10 +104,8 @@ class Diffusion(GenerativeModule):
         checks.one_of("prediction", prediction, PREDICTIONS)
         checks.one_of("predict_sampler", predict_sampler, SAMPLERS)
         checks.fraction(label_dropout=label_dropout)
-        checks.at_least(0, guidance_scale=guidance_scale)
+        check_guidance(num_classes, label_dropout, guidance_scale)
         check_eta(predict_eta, "predict_eta")
-        if num_classes is not None and label_dropout == 0.0 and guidance_scale != 1.0:
-            raise ValueError("guidance_scale != 1 needs an unconditional model too: set label_dropout > 0")
         self.prediction = prediction
         self.num_classes = checks.optional_classes(num_classes)
         self.label_dropout = label_dropout
@@ -135,13 +134,6 @@ class Diffusion(GenerativeModule):
         """What the network regresses: eps, or v (Salimans & Ho 2022)."""
         return eps if self.prediction == "epsilon" else self.schedule.velocity(x0, t, eps)
 
-    def drop_labels(self, y: Tensor | None) -> Tensor | None:
-        """For conditional models, replace each label by the null label with probability label_dropout."""
-        if self.num_classes is None:
-            return None
-        dropped = torch.rand(y.shape, device=y.device) < self.label_dropout
-        return torch.where(dropped, torch.full_like(y, self.num_classes), y)
-
     def diffusion_loss(self, x0: Tensor, y: Tensor | None, network: nn.Module | None = None,
                        generator: torch.Generator | None = None) -> Tensor:
         """The simple loss (Ho et al. 2020, eq. 14) of x_0 in model space (B, ...): a scalar."""
@@ -156,7 +148,7 @@ class Diffusion(GenerativeModule):
         x, y = batch
         x0 = self.to_model_space(x)  # (B, ...)
         if stage == "train":
-            return self.diffusion_loss(x0, self.drop_labels(y)), {}
+            return self.diffusion_loss(x0, drop_labels(y, self.num_classes, self.label_dropout)), {}
         # The same t and noise for a batch at every validation (seeded by its index), so that
         # successive epochs measure the same thing; the labels are kept (the conditional loss).
         generator = torch.Generator(device=x0.device).manual_seed(batch_idx)
@@ -173,16 +165,7 @@ class Diffusion(GenerativeModule):
             output = network(x_t, t, labels).float()
             return self.schedule.model_predictions(x_t, t, output, self.prediction)[0]
 
-        def denoise(x_t: Tensor, t: Tensor) -> Tensor:
-            if y is None or guidance_scale == 1.0:
-                return eps_prediction(x_t, t, y)
-            # One batched call for the conditional and unconditional predictions.
-            null = torch.full_like(y, self.num_classes)
-            both = eps_prediction(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null]))
-            eps_conditional, eps_unconditional = both.chunk(2)
-            return eps_unconditional + guidance_scale * (eps_conditional - eps_unconditional)
-
-        return denoise
+        return guided(eps_prediction, y, self.num_classes, guidance_scale)
 
     @torch.no_grad()
     def sample_trajectory(self, num_samples: int, **options: Any) -> dict[str, Tensor]:
@@ -233,8 +216,7 @@ class Diffusion(GenerativeModule):
             steps = self.predict_steps  # None: 50 (or T when T < 50)
         eta = self.predict_eta if eta is None else eta  # checked by the sampling loop
         guidance_scale = self.guidance_scale if guidance_scale is None else guidance_scale
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+        check_guidance(self.num_classes, self.label_dropout, guidance_scale)
         labels = self.sampling_labels(y, num_samples)
         if x_T is None:
             x_T = torch.randn(num_samples, *self.data_shape, device=self.device)
