@@ -5,7 +5,8 @@ from lightning_gen.autoregressive import PixelCNN, PixelTransformer
 from lightning_gen.base import GenerativeModule
 from lightning_gen.diffusion import Diffusion
 from lightning_gen.flow import RealNVP
+from lightning_gen.flow_matching import FlowMatching
 from lightning_gen.gan import GAN
 from lightning_gen.vae import VAE
 
-__all__ = ["Autoencoder", "Diffusion", "GAN", "GenerativeModule", "PixelCNN", "PixelTransformer", "RealNVP", "VAE"]
+__all__ = ["Autoencoder", "Diffusion", "FlowMatching", "GAN", "GenerativeModule", "PixelCNN", "PixelTransformer", "RealNVP", "VAE"]

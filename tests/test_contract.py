@@ -28,6 +28,7 @@ from lightning_gen import GAN
 from lightning_gen import Diffusion
 from lightning_gen.diffusion import MLPDenoiserConfig, UNetConfig
 from lightning_gen import RealNVP
+from lightning_gen import FlowMatching
 from lightning_gen.base import GenerativeModule
 
 
@@ -90,6 +91,18 @@ FAMILIES: dict[str, Family] = {
     "diffusion_toy": Family(
         lambda shape: Diffusion(shape, num_timesteps=20, prediction="v", mlp=MLPDenoiserConfig(16, 1)),
         "moons", sample_options={"steps": 5, "eta": 1.0}),
+    "flow_matching_unet_ot": Family(
+        lambda shape: FlowMatching(shape, coupling="ot", ema_decay=0.9, likelihood_steps=2, unet=UNetConfig(
+            base_channels=4, channel_multipliers=(1, 2), num_res_blocks=1, attention_levels=(1,), num_heads=1)),
+        "mnist", sample_options={"steps": 3, "sampler": "midpoint"}),
+    "flow_matching_unet_conditional": Family(
+        lambda shape: FlowMatching(shape, num_classes=10, guidance_scale=2.0, likelihood_steps=2,
+                                   unet=UNetConfig(base_channels=4, channel_multipliers=(1, 2),
+                                                   num_res_blocks=1, attention_levels=(), num_heads=1)),
+        "mnist", sample_options={"steps": 2, "y": 3}),
+    "flow_matching_toy": Family(
+        lambda shape: FlowMatching(shape, mlp=MLPDenoiserConfig(16, 1), likelihood_steps=4), "moons",
+        sample_options={"steps": 5, "sampler": "euler"}),
     "realnvp_toy": Family(
         lambda shape: RealNVP(shape, num_layers=2, hidden_dims=(16,)), "8gaussians",
         sample_options={"temperature": 0.8}),

@@ -12,7 +12,7 @@ from torch import nn
 
 from datamodules import ToyDataModule, sample_toy
 from lightning_gen import Diffusion
-from lightning_gen.nn.denoisers import MLPDenoiserConfig, UNet, UNetConfig
+from lightning_gen.nn.denoisers import MLPDenoiserConfig, ResBlock, UNet, UNetConfig
 from lightning_gen.nn.guidance import drop_labels
 from lightning_gen.diffusion.samplers import ddim_step, ddpm_step, sampling_loop
 from lightning_gen.diffusion.schedule import NoiseSchedule
@@ -216,6 +216,16 @@ def test_network_options_are_one_group_per_network_and_checkpoint_as_plain_dicts
     assert restored.network.input_layer.out_features == 12
     for name, value in model.state_dict().items():
         assert torch.equal(value, restored.state_dict()[name]), name
+
+
+def test_the_embedding_reaches_a_block_whose_norm_groups_hold_one_channel():
+    # 8 channels in 8 groups: a bias added before the GroupNorm would be subtracted again.
+    torch.manual_seed(0)
+    block = ResBlock(8, 8, embedding_dim=16, norm_groups=8)
+    nn.init.normal_(block.conv2.weight, std=0.1)  # zero-initialized: the branch would be silent
+    x = torch.randn(2, 8, 6, 6)
+    first, second = torch.randn(2, 16), torch.randn(2, 16)
+    assert (block(x, first) - block(x, second)).abs().max() > 1e-2
 
 
 def test_ema_update_math():

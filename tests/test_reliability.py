@@ -21,7 +21,7 @@ import torch
 from cli_helpers import CONFIGS, QUICK, REPO, run_cli
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_gen import GAN, VAE, Autoencoder, Diffusion, RealNVP
+from lightning_gen import GAN, VAE, Autoencoder, Diffusion, FlowMatching, RealNVP
 from lightning_gen.base import DivergenceError
 from lightning_gen.diffusion import MLPDenoiserConfig
 
@@ -75,6 +75,7 @@ PREDICT_OPTIONS = {
                                "--data.init_args.batch_size", "8"], "predict_use_ema", ("true", "false")),
     "realnvp": ("realnvp_moons.yaml", [], "predict_temperature", ("1.0", "0.3")),
     "diffusion": ("diffusion_moons.yaml", [], "predict_steps", ("50", "5")),
+    "flow_matching": ("flow_matching_moons.yaml", [], "predict_sampler", ("heun", "euler")),
     "pixelcnn": ("pixelcnn_mnist.yaml", ["--model.init_args.hidden_channels", "4",
                                          "--model.init_args.num_layers", "1",
                                          "--model.init_args.head_channels", "4",
@@ -180,6 +181,7 @@ TOY_FAMILIES = {
     "gan": lambda: GAN((2,), latent_dim=2, generator_hidden_dims=(8,), discriminator_hidden_dims=(8,)),
     "realnvp": lambda: RealNVP((2,), num_layers=2, hidden_dims=(8,)),
     "diffusion": lambda: Diffusion((2,), num_timesteps=10, mlp=MLPDenoiserConfig(8, 1)),
+    "flow_matching": lambda: FlowMatching((2,), mlp=MLPDenoiserConfig(8, 1)),
 }
 
 

@@ -8,7 +8,8 @@ real time (the sinusoidal embedding takes either); ``y`` is a class label in 0 .
 ``num_classes`` for "no label" (the null label of classifier-free guidance, Ho & Salimans 2021).
 
 The U-Net follows Ho et al. 2020 (appendix B; the PixelCNN++ / Wide-ResNet backbone): residual
-blocks with GroupNorm that add a projection of the timestep embedding, self-attention at low
+blocks with GroupNorm, conditioned on the timestep (and label) embedding by a scale and shift of
+their second normalization (Dhariwal & Nichol 2021, see ``ResBlock``), self-attention at low
 resolution, skip connections from each down-sampling block to its mirror block. Up-sampling
 resizes to the size of the matching skip, so odd sizes (28 -> 14 -> 7 -> 4 and back) work without
 padding the images.
@@ -82,15 +83,21 @@ def zero_init(module: nn.Module) -> nn.Module:
 
 
 class ResBlock(nn.Module):
-    """GroupNorm -> SiLU -> conv3x3 (+ embedding projection) -> GroupNorm -> SiLU -> dropout ->
-    conv3x3, added to the input (1x1 conv on the skip when the width changes)."""
+    """GroupNorm -> SiLU -> conv3x3 -> GroupNorm scaled and shifted by the embedding -> SiLU ->
+    dropout -> conv3x3, added to the input (1x1 conv on the skip when the width changes).
+
+    The embedding enters as a scale and shift after the second GroupNorm (adaptive group
+    normalization, Dhariwal & Nichol 2021, sec. 3), not as a bias added before it (Ho et al. 2020):
+    a GroupNorm whose groups hold one channel each (32 channels, 32 groups, this U-Net's first
+    level) subtracts a per-channel bias again, so the timestep and label would not reach that level.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, embedding_dim: int, dropout: float = 0.0,
                  norm_groups: int = 32) -> None:
         super().__init__()
         self.norm1 = group_norm(in_channels, norm_groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.embedding_projection = nn.Linear(embedding_dim, out_channels)
+        self.embedding_projection = nn.Linear(embedding_dim, 2 * out_channels)  # scale, shift
         self.norm2 = group_norm(out_channels, norm_groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1))
@@ -99,8 +106,9 @@ class ResBlock(nn.Module):
 
     def forward(self, x: Tensor, embedding: Tensor) -> Tensor:  # (B, C, H, W), (B, E)
         h = self.conv1(F.silu(self.norm1(x)))  # (B, C', H, W)
-        h = h + self.embedding_projection(F.silu(embedding))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        scale, shift = self.embedding_projection(F.silu(embedding))[:, :, None, None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
 
