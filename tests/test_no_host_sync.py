@@ -8,6 +8,7 @@ CPU has no such wait, so the test replaces the conversions themselves; it fails 
 same code that would sync on CUDA. The optimizer's step is exempt (manual optimization calls it
 inside training_step; its conversions touch the CPU-resident step counters only), and so is the
 first training step: one-time work such as ActNorm's data-dependent initialization may sync once.
+Flow matching's minibatch optimal-transport pairing is exempt too: it is solved on the host.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import contextlib
 import pytest
 import torch
 
+from lightning_gen.flow_matching import module as flow_matching_module
 from test_contract import FAMILIES, make_data, tiny_trainer
 
 CONVERSIONS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")
@@ -73,6 +75,16 @@ def test_training_step_does_not_sync_with_the_device(name, tmp_path, mnist_root,
         return output
 
     monkeypatch.setattr(model, "training_step", guarded_training_step)
+    if getattr(model, "coupling", None) == "ot":
+        # Minibatch optimal transport solves its assignment on the host by design (one copy of the
+        # cost matrix per step, flow_matching/coupling.py); the rest of the step is still guarded.
+        pair = flow_matching_module.pair
+
+        def unguarded_pair(*args, **kwargs):
+            with guard.enabled(False):
+                return pair(*args, **kwargs)
+
+        monkeypatch.setattr(flow_matching_module, "pair", unguarded_pair)
     trainer = tiny_trainer(tmp_path, max_steps=6, limit_val_batches=0)
     optimizer_step = trainer.strategy.optimizer_step
 
@@ -85,3 +97,38 @@ def test_training_step_does_not_sync_with_the_device(name, tmp_path, mnist_root,
     assert len(steps) >= 3  # guarded steps really ran (a GAN step is two optimizer steps)
     with guard.enabled(True), pytest.raises(HostSyncError):
         torch.ones(1).item()  # the guard itself works
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpm_solver++", "heun"])
+def test_sampling_loop_does_not_sync_with_the_device(sampler, monkeypatch):
+    """The samplers' loops (Diffusion.sample's work) make no tensor-to-host conversion either:
+    timesteps and coefficient tables are built before the loop (Heun's Karras sub-sequence on the
+    device itself), so a GPU queues every step's kernels without waiting."""
+    from lightning_gen.diffusion.samplers import sampling_loop
+    from lightning_gen.diffusion.schedule import NoiseSchedule
+
+    schedule = NoiseSchedule(40, "cosine")
+    network = torch.nn.Linear(3, 3)
+    denoise = lambda x, t: network(x) * (t[:, None] + 1) / 40  # noqa: E731  (uses t as a tensor)
+    x_T = torch.randn(4, 3)
+    guard = SyncGuard(monkeypatch)
+    with torch.no_grad(), guard.enabled(True):
+        x0, states, _ = sampling_loop(denoise, schedule, x_T, sampler, None if sampler == "ddpm" else 9,
+                                      eta=0.5 if sampler == "ddim" else 0.0, record=True)
+    assert torch.isfinite(x0).all() and len(states) >= 2
+
+
+@pytest.mark.parametrize("solver", ["euler", "midpoint", "heun"])
+def test_flow_matching_sampling_does_not_sync_with_the_device(solver, monkeypatch):
+    """FlowMatching.sample's work, with guidance: the solver's times are Python floats, so its
+    loop makes no tensor-to-host conversion."""
+    from lightning_gen import FlowMatching
+    from lightning_gen.diffusion import MLPDenoiserConfig
+
+    model = FlowMatching((3,), mlp=MLPDenoiserConfig(8, 1), num_classes=2, guidance_scale=2.0)
+    x0 = torch.randn(4, 3)
+    guard = SyncGuard(monkeypatch)
+    # y=None: labels cycle through the classes (given labels are range-checked once, on the host).
+    with guard.enabled(True):
+        samples = model.sample(4, sampler=solver, steps=3, x0=x0)
+    assert samples.shape == (4, 3) and torch.isfinite(samples).all()

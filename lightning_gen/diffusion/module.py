@@ -1,5 +1,6 @@
-"""Denoising diffusion probabilistic model (Ho et al. 2020) with DDIM sampling (Song et al. 2021)
-and classifier-free guidance (Ho & Salimans 2021).
+"""Denoising diffusion probabilistic model (Ho et al. 2020) with DDIM (Song et al. 2021),
+DPM-Solver++(2M) (Lu et al. 2022) and Heun (Karras et al. 2022) sampling, classifier-free guidance
+(Ho & Salimans 2021) and the variational bound (Ho et al. 2020, eq. 5) as ``test/nll``.
 
 Forward process: q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I), drawn in closed form
 (Ho et al. 2020, eq. 4) for a timestep t ~ Uniform{0 .. T-1} drawn per example.
@@ -9,8 +10,10 @@ Training (Ho et al. 2020, Algorithm 1 / eq. 14, the "simple" loss):
 sqrt(1 - alpha_bar_t) x_0 (Salimans & Ho 2022). ``val/loss`` and ``test/loss`` are the same MSE
 (computed with the EMA weights when they exist, with fixed noise per batch so epochs compare).
 
-Sampling: ancestral DDPM over all T steps (Ho et al. 2020, Algorithm 2) or DDIM over a sub-sequence
-of ``steps`` timesteps with noise scale ``eta`` (Song et al. 2021, eqs. 12 and 16); see
+Sampling: ancestral DDPM over all T steps (Ho et al. 2020, Algorithm 2), DDIM over a sub-sequence
+of ``steps`` timesteps with noise scale ``eta`` (Song et al. 2021, eqs. 12 and 16), or one of two
+second-order solvers of the probability-flow ODE: DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2)
+and Heun (Karras et al. 2022, Algorithm 1); ``steps`` counts network evaluations for each; see
 ``samplers.py``. Images are scaled from [0, 1] to [-1, 1] for the network (Ho et al. 2020, sec. 3.3)
 and back for ``sample``; vectors are used in data coordinates.
 
@@ -24,8 +27,13 @@ fidelity (the paper's w is guidance_scale - 1).
 An exponential moving average of the weights (``ema_decay``) is kept after every optimizer step
 and used for validation, sampling and ``predict``; it is part of the module, so checkpoints save it.
 
-There is no ``log_prob``: the variational bound (Ho et al. 2020, eq. 5) is not implemented, so the
-family logs ``train/loss`` and ``val/loss`` (the MSE above) but no ``val/nll`` / ``val/bpd``.
+Likelihood: ``variational_bound(x)`` is the variational bound L >= -log p(x) (Ho et al. 2020,
+eq. 5, with the posterior's variance beta_tilde_t and, for images, the discretized Gaussian decoder
+of 8-bit levels; see ``likelihood.py``) in nats per example. It is a bound, not ``log_prob``: the
+exact likelihood of the model needs the probability-flow ODE's change of variables (Song et al.
+2021b), which is not implemented. ``test`` logs it as ``test/nll`` and ``test/bpd`` (estimated with
+``test_vlb_timesteps`` timesteps per example); validation logs only ``val/loss`` unless
+``val_vlb_timesteps`` asks for the bound there too.
 """
 
 from __future__ import annotations
@@ -39,7 +47,8 @@ from torch import Tensor, nn
 
 from lightning_gen import checks
 from lightning_gen.base import GenerativeModule
-from lightning_gen.diffusion.samplers import SAMPLERS, check_eta, sampling_loop
+from lightning_gen.diffusion.likelihood import quantize_images, variational_bound
+from lightning_gen.diffusion.samplers import ODE_SAMPLERS, SAMPLERS, check_eta, sampling_loop
 from lightning_gen.diffusion.schedule import NoiseSchedule
 from lightning_gen.nn.denoisers import MLPDenoiserConfig, UNetConfig, time_network
 from lightning_gen.nn.ema import ExponentialMovingAverage
@@ -67,8 +76,16 @@ class Diffusion(GenerativeModule):
         clip_denoised: clip the predicted x_0 to [-1, 1] while sampling (default: True for images,
             False for vectors, whose range is not bounded).
         predict_sampler, predict_steps, predict_eta: what ``predict`` (and the default ``sample``)
-            uses: DDIM with eta = 0 and ``predict_steps`` steps (None: 50, or T when T < 50);
-            eta in [0, 1] (0: deterministic, 1: the DDPM posterior's variance).
+            uses: the sampler, ``"ddim"`` (default), ``"ddpm"``, ``"dpm_solver++"`` (2M) or
+            ``"heun"``; ``predict_steps`` network evaluations (None: 50, or T when T < 50; DDPM
+            walks all T; Heun visits ceil(steps / 2) timesteps for 2 ceil(steps / 2) - 1
+            evaluations); DDIM's eta in [0, 1] (0: deterministic, 1: the DDPM posterior's
+            variance; the ODE solvers need 0).
+        test_vlb_timesteps: how ``test/nll`` (the variational bound) sums its T - 1 denoising
+            terms: None: all of them (T - 1 network evaluations of each batch); k: an unbiased
+            estimate from k timesteps drawn per example (k evaluations; seeded by the batch index,
+            so a test is reproducible); 0: no ``test/nll``. Default 16.
+        val_vlb_timesteps: the same for ``val/nll`` (default 0: validation logs only the loss).
 
     ``guidance_scale``, ``clip_denoised`` and the ``predict_*`` options change sampling only: they
     are not saved as hyperparameters, so ``cli.py predict --ckpt_path ...`` takes them from the
@@ -79,7 +96,7 @@ class Diffusion(GenerativeModule):
 
     DEFAULT_LEARNING_RATE = 2e-4
     EVALUATION_OPTIONS = ("guidance_scale", "clip_denoised", "predict_sampler", "predict_steps",
-                          "predict_eta")
+                          "predict_eta", "test_vlb_timesteps", "val_vlb_timesteps")
 
     def __init__(
         self,
@@ -97,6 +114,8 @@ class Diffusion(GenerativeModule):
         predict_sampler: str = "ddim",
         predict_steps: int | None = None,
         predict_eta: float = 0.0,
+        test_vlb_timesteps: int | None = 16,
+        val_vlb_timesteps: int | None = 0,
         **optimizer_options: Any,
     ) -> None:
         super().__init__(data_shape, **optimizer_options)
@@ -106,6 +125,10 @@ class Diffusion(GenerativeModule):
         checks.fraction(label_dropout=label_dropout)
         check_guidance(num_classes, label_dropout, guidance_scale)
         check_eta(predict_eta, "predict_eta")
+        for name, value in (("test_vlb_timesteps", test_vlb_timesteps), ("val_vlb_timesteps", val_vlb_timesteps)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise ValueError(f"{name} must be None (all T timesteps), 0 (no bound) or a number "
+                                 f"of timesteps >= 1, got {value!r}")
         self.prediction = prediction
         self.num_classes = checks.optional_classes(num_classes)
         self.label_dropout = label_dropout
@@ -114,6 +137,8 @@ class Diffusion(GenerativeModule):
         self.predict_sampler = predict_sampler
         self.predict_steps = predict_steps
         self.predict_eta = predict_eta
+        self.test_vlb_timesteps = test_vlb_timesteps
+        self.val_vlb_timesteps = val_vlb_timesteps
         self.schedule = NoiseSchedule(num_timesteps, beta_schedule)
         self.network, groups = time_network(self.data_shape, unet, mlp, num_classes)
         self.hparams.update(groups)  # plain dicts: a checkpoint stays loadable weights-only
@@ -124,6 +149,9 @@ class Diffusion(GenerativeModule):
         if predict_sampler == "ddpm" and predict_steps not in (None, num_timesteps):
             raise ValueError("predict_sampler='ddpm' walks all T steps: set predict_steps to null "
                              f"(or {num_timesteps}), or use predict_sampler='ddim' with predict_eta=1.0")
+        if predict_sampler in ODE_SAMPLERS and predict_eta != 0:
+            raise ValueError(f"predict_sampler={predict_sampler!r} is deterministic: set predict_eta "
+                             "to 0, or use predict_sampler='ddim' for eta > 0")
 
     # ------------------------------------------------------------------------------- training
     @property
@@ -152,7 +180,46 @@ class Diffusion(GenerativeModule):
         # The same t and noise for a batch at every validation (seeded by its index), so that
         # successive epochs measure the same thing; the labels are kept (the conditional loss).
         generator = torch.Generator(device=x0.device).manual_seed(batch_idx)
-        return self.diffusion_loss(x0, self.batch_labels(y), self.sampling_network(), generator), {}
+        loss = self.diffusion_loss(x0, self.batch_labels(y), self.sampling_network(), generator)
+        timesteps = self.test_vlb_timesteps if stage == "test" else self.val_vlb_timesteps
+        if timesteps == 0:
+            return loss, {}
+        # Its own generator, so the loss above stays what it was without the bound.
+        generator = torch.Generator(device=x0.device).manual_seed(batch_idx)
+        return loss, {"nll": self.variational_bound(x, y, timesteps, generator)}
+
+    @torch.no_grad()
+    def variational_bound(self, x: Tensor, y: Tensor | None = None, timesteps: int | None = None,
+                          generator: torch.Generator | None = None) -> Tensor:
+        """The variational bound L >= -log p(x) (Ho et al. 2020, eq. 5) in nats per example (B,),
+        for ``x`` as the data module yields it; see ``likelihood.py``.
+
+        Images are quantized to 8 bits (round(255 x) / 255) and scored with the discretized
+        Gaussian decoder, so L / (D ln 2) is the bits/dim of the discrete data; vectors get a
+        Gaussian decoder density (a bound on the continuous negative log density). The averaged
+        network is used (``sampling_network``) without guidance: a conditional model is scored
+        given the labels ``y``.
+
+        Args:
+            timesteps: None: the sum over all T - 1 denoising terms (T network evaluations with
+                the decoder's); k >= 1: an unbiased estimate of it from k uniformly drawn
+                timesteps per example (k + 1 evaluations).
+            generator: the noise (and timesteps) source, for a reproducible estimate.
+        """
+        if tuple(x.shape[1:]) != self.data_shape:  # the shape only: a range check would sync
+            raise ValueError(f"x must have shape (B, {', '.join(map(str, self.data_shape))}), got {tuple(x.shape)}")
+        x0 = self.to_model_space(quantize_images(x) if self.is_image else x).float()
+        network, labels = self.sampling_network(), self.batch_labels(y)
+        if self.num_classes is not None and labels is None:
+            raise ValueError("a class-conditional model's bound needs the labels y of x")
+
+        def eps_prediction(x_t: Tensor, t: Tensor) -> Tensor:
+            output = network(x_t, t, labels).float()
+            return self.schedule.model_predictions(x_t, t, output, self.prediction)[0]
+
+        return variational_bound(self.schedule, eps_prediction, x0, discrete=self.is_image,
+                                 timesteps=timesteps, clip_denoised=self.clip_denoised,
+                                 generator=generator)
 
     def averaged_network(self) -> tuple[nn.Module, ExponentialMovingAverage | None]:
         return self.network, self.ema
@@ -193,9 +260,15 @@ class Diffusion(GenerativeModule):
 
         Args:
             num_samples: N.
-            sampler: ``"ddim"`` or ``"ddpm"`` (default: ``predict_sampler``, DDIM).
-            steps: network evaluations; DDIM default ``predict_steps`` (50); DDPM walks all T.
-            eta: DDIM noise scale (default ``predict_eta``, 0: deterministic given x_T).
+            sampler: ``"ddim"``, ``"ddpm"``, ``"dpm_solver++"`` (DPM-Solver++(2M), Lu et al.
+                2022) or ``"heun"`` (Karras et al. 2022) (default: ``predict_sampler``, DDIM).
+            steps: the number of network evaluations, whatever the sampler (default
+                ``predict_steps``, None: 50, or T when T < 50). DDIM and DPM-Solver++ visit
+                ``steps`` timesteps; Heun costs 2 evaluations per step but 1 for its last, so it
+                visits N = ceil(steps / 2) timesteps for 2 N - 1 evaluations (``steps`` when odd,
+                one fewer when even); DDPM walks all T.
+            eta: DDIM noise scale (default ``predict_eta``, 0: deterministic given x_T); the
+                deterministic ODE solvers (DPM-Solver++, Heun) take only 0.
             y: labels of a conditional model: one int, or N of them (default: cycle 0..K-1).
             guidance_scale: classifier-free guidance scale (default: the model's).
             use_ema: sample with the averaged weights (default: when there are some).
@@ -212,9 +285,10 @@ class Diffusion(GenerativeModule):
             sampler = self.predict_sampler
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-        if steps is None and sampler == "ddim":
+        if steps is None and sampler != "ddpm":
             steps = self.predict_steps  # None: 50 (or T when T < 50)
-        eta = self.predict_eta if eta is None else eta  # checked by the sampling loop
+        if eta is None:  # predict_eta is DDIM's; the ODE solvers are deterministic
+            eta = 0.0 if sampler in ODE_SAMPLERS else self.predict_eta  # checked by the sampling loop
         guidance_scale = self.guidance_scale if guidance_scale is None else guidance_scale
         check_guidance(self.num_classes, self.label_dropout, guidance_scale)
         labels = self.sampling_labels(y, num_samples)
