@@ -96,6 +96,9 @@ class InMemoryImageDataModule(L.LightningDataModule):
 
     data_shape: tuple[int, ...]
     num_classes: int | None
+    #: The feature network FID/KID use for this data by default (``callbacks.ImageQualityMetrics``):
+    #: ``"inception"`` (torchmetrics' Inception-v3), or ``"mnist"`` (the project's MNIST classifier).
+    fid_feature_network: str = "inception"
 
     def __init__(self, batch_size: int, num_workers: int, split_seed: int, num_predict_samples: int,
                  device_resident: bool) -> None:

@@ -222,3 +222,5 @@ class MNISTDataModule(IdxImageDataModule):
             there (``DeviceBatches``): no DataLoader workers, no per-step host-to-device copy;
             each DDP rank iterates its own shard, reshuffled every epoch from ``split_seed``.
     """
+
+    fid_feature_network = "mnist"

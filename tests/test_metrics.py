@@ -9,12 +9,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
 
 from cli_helpers import CONFIGS, QUICK, REPO, run_cli
+from datamodules import MNISTDataModule
 from lightning_gen.base import GenerativeModule
 from lightning_gen.callbacks import ImageQualityMetrics
 from lightning_gen.metrics import (
@@ -34,8 +36,6 @@ def save_classifier_checkpoint(path: Path, seed: int = 0) -> Path:
 
 
 def mnist_test_images(count: int) -> torch.Tensor:
-    from datamodules.mnist import MNISTDataModule
-
     data = MNISTDataModule()
     data.setup("test")
     return data.test_set.images[:count].unsqueeze(1).float() / 255.0  # (N, 1, 28, 28)
@@ -145,8 +145,45 @@ def test_image_callback_warns_and_skips_without_feature_network(monkeypatch, tmp
     missing = str(tmp_path / "missing.ckpt")
     monkeypatch.setenv("LIGHTNING_GEN_FEATURE_NETWORK", missing)
     callback = ImageQualityMetrics()  # the default path: $LIGHTNING_GEN_FEATURE_NETWORK here
+    trainer = SimpleNamespace(datamodule=MNISTDataModule(download=False))
     with pytest.warns(UserWarning, match="no feature network at .*missing.ckpt"):
-        callback._run(trainer=None, pl_module=SamplingImageModel(), stage="val")  # returns before sampling
+        callback._run(trainer=trainer, pl_module=SamplingImageModel(), stage="val")  # returns before sampling
+
+
+class HeldOutImages(L.LightningDataModule):
+    """A data module of any image shape whose test split is ``images`` (labels 0)."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        super().__init__()
+        self.images = images
+
+    def test_dataloader(self):
+        return torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(self.images, torch.zeros(len(self.images), dtype=torch.long)),
+            batch_size=7)
+
+
+def test_image_callback_compares_with_the_data_modules_own_test_images(mnist_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("LIGHTNING_GEN_FEATURE_NETWORK", str(tmp_path / "missing.ckpt"))
+    images = torch.rand(20, 3, 8, 8)
+    trainer = SimpleNamespace(datamodule=HeldOutImages(images))
+    assert torch.equal(ImageQualityMetrics(num_real=16)._real_images(trainer), images[:16])
+    # Data other than MNIST is scored with Inception's features unless told otherwise...
+    callback = ImageQualityMetrics()
+    model = SamplingImageModel()
+    model.data_shape = (3, 8, 8)
+    assert callback._skip(trainer, model) is False and callback.feature_network == "inception"
+    # ...and an MNIST feature network refuses images of another shape in one line.
+    network = tmp_path / "features.ckpt"
+    network.write_bytes(b"not read before the shape check")
+    with pytest.raises(ValueError, match="set --image_quality.feature_network inception"):
+        ImageQualityMetrics(feature_network=str(network))._skip(trainer, model)
+    # MNIST keeps its own feature network as the default.
+    mnist = SimpleNamespace(datamodule=MNISTDataModule(data_dir=str(mnist_root), download=False))
+    missing = ImageQualityMetrics()
+    with pytest.warns(UserWarning, match="no feature network"):
+        assert missing._skip(mnist, SamplingImageModel()) is True
+    assert missing.feature_network is None
 
 
 def test_cli_test_reports_fid_and_kid_with_the_default_feature_network(run_dir, mnist_root, monkeypatch, capfd):

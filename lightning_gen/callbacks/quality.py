@@ -35,6 +35,8 @@ from lightning_gen.metrics.fid import (
 )
 from lightning_gen.metrics.two_d import DEFAULT_BANDWIDTHS, MMD, SlicedWasserstein
 
+MNIST_SHAPE = (1, 28, 28)
+
 
 def _shard_size(total: int, trainer: L.Trainer) -> int:
     """This rank's share of ``total`` samples (the first ``total % world`` ranks draw one more)."""
@@ -84,7 +86,8 @@ def _check_common(num_samples: int, batch_size: int, every_n_epochs: int) -> Non
 
 
 class ImageQualityMetrics(Callback):
-    """FID and KID of ``num_samples`` generated images against the MNIST test set.
+    """FID and KID of ``num_samples`` generated images against the test images of the data the
+    model was trained on (the Trainer's data module's ``test_dataloader``).
 
     Logged as ``val/fid`` and ``val/kid`` after validation (every ``every_n_epochs`` epochs, not
     during the sanity check) and ``test/fid``, ``test/kid`` after ``cli.py test``. The features of
@@ -92,6 +95,11 @@ class ImageQualityMetrics(Callback):
     ``lightning_gen.metrics.fid.real_features``). Without a feature network the callback warns
     once and does nothing, so every run can carry it before the network is trained. On 2-D data
     and on models without ``sample()`` it does nothing (use ``SampleDistanceMetrics`` for 2-D).
+
+    The feature network, when none is given, is the data module's ``fid_feature_network``: the
+    project's MNIST classifier for MNIST, torchmetrics' Inception-v3 for any other data (the
+    ``inception`` extra; its weights are downloaded on first use). The cache of real features is
+    keyed by the feature network, the images' contents and their number.
 
     Args:
         feature_network: ``"inception"`` (torchmetrics' Inception-v3; downloads its weights on
@@ -101,11 +109,9 @@ class ImageQualityMetrics(Callback):
             FID/KID are skipped with a warning while that file does not exist.
         num_samples: generated images per evaluation, shared out over the DDP ranks.
         batch_size: images per ``sample()`` call.
-        num_real: real test images compared with (None: all 10,000).
+        num_real: real test images compared with (None: the whole test split).
         every_n_epochs: evaluate after every n-th validation epoch; 0: never at validation.
         on_test: evaluate after ``cli.py test``.
-        data_dir: folder holding MNIST/raw (default: the fitted MNISTDataModule's, else
-            ``$LIGHTNING_GEN_DATA`` or ./data).
         cache_dir: where real features are cached (default ``$LIGHTNING_GEN_CACHE`` or
             ~/.cache/lightning-gen, then ``fid/``).
         kid_subset_size: KID subset size (capped at the number of samples).
@@ -122,7 +128,6 @@ class ImageQualityMetrics(Callback):
         num_real: int | None = None,
         every_n_epochs: int = 1,
         on_test: bool = True,
-        data_dir: str | None = None,
         cache_dir: str | None = None,
         kid_subset_size: int = 1000,
         kid_subsets: int = 100,
@@ -131,8 +136,8 @@ class ImageQualityMetrics(Callback):
     ) -> None:
         super().__init__()
         _check_common(num_samples, batch_size, every_n_epochs)
-        if num_real is not None and not 2 <= num_real <= 10000:
-            raise ValueError(f"num_real must be in 2..10000 (the MNIST test set) or None, got {num_real}")
+        if num_real is not None and num_real < 2:
+            raise ValueError(f"num_real must be >= 2 (test images compared with) or None (all), got {num_real}")
         if kid_subset_size < 2 or kid_subsets < 1:
             raise ValueError(f"kid_subset_size must be >= 2 and kid_subsets >= 1, got "
                              f"{kid_subset_size}, {kid_subsets}")
@@ -151,7 +156,6 @@ class ImageQualityMetrics(Callback):
         self.num_real = num_real
         self.every_n_epochs = every_n_epochs
         self.on_test = on_test
-        self.data_dir = data_dir
         self.cache_dir = cache_dir
         self.kid_subset_size = kid_subset_size
         self.kid_subsets = kid_subsets
@@ -163,15 +167,18 @@ class ImageQualityMetrics(Callback):
 
     # ------------------------------------------------------------------------------ the real side
     def _real_images(self, trainer: L.Trainer) -> Tensor:
-        from datamodules.mnist import MNISTDataModule
-
-        data_dir = self.data_dir
-        if data_dir is None and isinstance(trainer.datamodule, MNISTDataModule):
-            data_dir = str(trainer.datamodule.data_dir)
-        data = MNISTDataModule(data_dir=data_dir)
+        """The first ``num_real`` test images of the Trainer's data module (the data the model
+        was trained on), (N, C, H, W) in [0, 1] on the CPU."""
+        data = trainer.datamodule
         data.setup("test")
-        images = data.test_set.images[: self.num_real]  # (N, 28, 28) uint8
-        return images.unsqueeze(1).float() / 255.0  # (N, 1, 28, 28) in [0, 1]
+        images, count = [], 0
+        for batch in data.test_dataloader():
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            images.append(x.detach().float().cpu())
+            count += len(x)
+            if self.num_real is not None and count >= self.num_real:
+                break
+        return torch.cat(images)[: self.num_real]
 
     def _real_features(self, trainer: L.Trainer) -> Tensor:
         """Rank zero computes (or reads) the cached features first; the others then read them."""
@@ -185,9 +192,23 @@ class ImageQualityMetrics(Callback):
         return self._real
 
     # ------------------------------------------------------------------------------- evaluation
-    def _skip(self, pl_module: L.LightningModule) -> bool:
+    def _skip(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
         if not _is_image_model(pl_module):
             return True
+        data = trainer.datamodule
+        if data is None or not hasattr(data, "test_dataloader"):
+            if not self._warned:
+                rank_zero_warn("ImageQualityMetrics: FID/KID compare with the test images of the "
+                               "Trainer's data module, and this run has none; skipped.")
+                self._warned = True
+            return True
+        if self.feature_network is None and getattr(data, "fid_feature_network", INCEPTION) != "mnist":
+            self.feature_network = INCEPTION  # data other than MNIST: Inception's features
+        if self.feature_network not in (None, INCEPTION) and tuple(pl_module.data_shape) != MNIST_SHAPE:
+            raise ValueError(
+                f"the MNIST feature network {self.feature_network!r} scores {MNIST_SHAPE} images, "
+                f"not this model's {tuple(pl_module.data_shape)}: set --image_quality.feature_network "
+                f"{INCEPTION} (pip install 'lightning-gen[inception]')")
         if self.feature_network is None:
             # Looked up at each evaluation, so a network trained meanwhile is picked up.
             path = default_feature_network()
@@ -242,7 +263,7 @@ class ImageQualityMetrics(Callback):
         return fid_value, kid_value
 
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self._skip(pl_module):
+        if self._skip(trainer, pl_module):
             return
         fid_value, kid_value = self.evaluate(trainer, pl_module, stage)
         pl_module.log(f"{stage}/fid", fid_value.float())
