@@ -265,7 +265,8 @@ class PixelCNN(AutoregressiveModule):
         data_shape: (C, H, W) (linked from the data module).
         gated: gated blocks with vertical and horizontal stacks (van den Oord et al. 2016b, no blind
             spot); False: residual blocks of masked convolutions (van den Oord et al. 2016a).
-        hidden_channels: h, channels of the blocks (a multiple of C).
+        hidden_channels: h, channels of the blocks, a multiple of C (None: 64 rounded up to a
+            multiple of C: 64 for grey images, 66 for RGB).
         num_layers: number of blocks.
         kernel_size: kernel of the blocks (odd).
         first_kernel_size: kernel of the first (type A) layer (odd).
@@ -281,7 +282,7 @@ class PixelCNN(AutoregressiveModule):
         self,
         data_shape: Sequence[int] = (1, 28, 28),
         gated: bool = True,
-        hidden_channels: int = 64,
+        hidden_channels: int | None = None,
         num_layers: int = 7,
         kernel_size: int = 3,
         first_kernel_size: int = 7,
@@ -291,6 +292,8 @@ class PixelCNN(AutoregressiveModule):
         super().__init__(data_shape, **options)
         self.save_hyperparameters(ignore=self.EVALUATION_OPTIONS)
         channels = self.data_shape[0]
+        if hidden_channels is None:
+            hidden_channels = channels * math.ceil(64 / channels)
         checks.at_least(1, hidden_channels=hidden_channels, num_layers=num_layers,
                         head_channels=head_channels)
         if hidden_channels % channels:
@@ -322,6 +325,9 @@ class PixelTransformer(AutoregressiveModule):
         num_layers: transformer blocks.
         num_heads: attention heads.
         dropout: dropout on embeddings, attention and MLP outputs (training only).
+        max_positions: the longest sequence C*H*W accepted (4096: a (3, 32, 32) image is 3072;
+            attention's time and memory grow with its square, so a (3, 64, 64) image, 12,288
+            values, needs it raised on purpose).
         options: as keywords, AutoregressiveModule's (num_levels, num_classes: a learned
             embedding added at every position, predict_*) and GenerativeModule's optimizer options.
 
@@ -339,11 +345,18 @@ class PixelTransformer(AutoregressiveModule):
         num_layers: int = 4,
         num_heads: int = 4,
         dropout: float = 0.0,
+        max_positions: int = 4096,
         **options: Any,
     ) -> None:
         super().__init__(data_shape, **options)
         self.save_hyperparameters(ignore=self.EVALUATION_OPTIONS)
         checks.at_least(1, model_dim=model_dim, num_layers=num_layers, num_heads=num_heads)
+        if self.num_dims > max_positions:
+            raise ValueError(
+                f"PixelTransformer attends over C*H*W = {self.num_dims} values of {self.data_shape} "
+                f"images, more than max_positions={max_positions} (attention cost grows with its "
+                f"square): use smaller images (--data.init_args.image_size) or raise "
+                f"--model.init_args.max_positions")
         if model_dim % num_heads:
             raise ValueError(f"model_dim ({model_dim}) must be a multiple of num_heads ({num_heads})")
         checks.fraction(dropout=dropout)
