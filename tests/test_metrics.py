@@ -96,6 +96,8 @@ def test_real_features_are_cached_under_a_key_of_network_and_data(mnist_root, tm
     save_classifier_checkpoint(tmp_path / "a.ckpt", seed=2)  # the network changed: a new entry
     changed = real_features(load_feature_network(checkpoint), checkpoint, images, cache)
     assert len(list(cache.iterdir())) == 3 and not torch.equal(changed, first)
+    real_features(network, checkpoint, images, cache, name="MNISTDataModule")  # named by its data set
+    assert len(list(cache.glob("MNISTDataModule-*-100.pt"))) == 1
 
 
 def test_feature_network_choice_is_checked(tmp_path):

@@ -184,11 +184,14 @@ class ImageQualityMetrics(Callback):
         """Rank zero computes (or reads) the cached features first; the others then read them."""
         if self._real is None:
             images = self._real_images(trainer)
+            name = type(trainer.datamodule).__name__
             if trainer.is_global_zero:
-                self._real = real_features(self._network, self.feature_network, images, self.cache_dir)
+                self._real = real_features(self._network, self.feature_network, images, self.cache_dir,
+                                           name=name)
             trainer.strategy.barrier("real_features")
             if self._real is None:
-                self._real = real_features(self._network, self.feature_network, images, self.cache_dir)
+                self._real = real_features(self._network, self.feature_network, images, self.cache_dir,
+                                           name=name)
         return self._real
 
     # ------------------------------------------------------------------------------- evaluation

@@ -137,15 +137,18 @@ def extract_features(network: nn.Module, images: Tensor, batch_size: int = 500) 
 
 
 def real_features(network: nn.Module, feature_network: str, images: Tensor,
-                  cache_dir: str | Path | None = None, batch_size: int = 500) -> Tensor:
+                  cache_dir: str | Path | None = None, batch_size: int = 500, name: str = "") -> Tensor:
     """The features of real ``images``, read from the cache or computed once and written there.
 
-    The file name is ``<network hash>-<data hash>-<N>.pt``: it changes when the checkpoint, the
+    The file name is ``[<name>-]<network hash>-<data hash>-<N>.pt`` (``name``: the data set's, so
+    a reader of the cache folder sees what each file holds): it changes when the checkpoint, the
     images (split, order, subset) or their number does. Written atomically (temporary file, then
     rename), so concurrent processes never read half a file.
     """
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = f"{network_fingerprint(feature_network)}-{data_fingerprint(images)}-{len(images)}"
+    if name:
+        key = f"{name}-{key}"
     path = cache_dir / f"{key}.pt"
     if path.is_file():
         return torch.load(path, map_location="cpu", weights_only=True)
