@@ -58,6 +58,10 @@ FAMILIES = {
                   dict(unet=dict(base_channels=16, channel_multipliers=(1, 2), num_res_blocks=1,
                                  attention_levels=(), num_heads=1)),
                   {"sampler": "ddim", "steps": 50}),
+    "flow_matching": ("flow_matching_mnist.yaml",
+                      dict(unet=dict(base_channels=16, channel_multipliers=(1, 2), num_res_blocks=1,
+                                     attention_levels=(), num_heads=1)),
+                      {"sampler": "heun", "steps": 25}),
 }
 
 

@@ -1,8 +1,12 @@
-"""Running the command line inside the test process (fast) and checking what it writes."""
+"""Running the command line inside the test process (fast) and checking what it writes, and
+fake data files in a data set's own format for configs whose data cannot be downloaded in tests."""
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
+
+import numpy as np
 
 from lightning_gen.cli import main
 
@@ -34,3 +38,23 @@ def fit_and_predict(config: str, work_dir: Path, *extra: str, predict_extra: tup
             "--ckpt_path", str(checkpoint), "--prediction_writer.output_dir", str(output_dir),
             *extra, *predict_extra)
     return output_dir
+
+
+def write_cifar10(data_dir: Path, per_batch: int = 4, test_count: int = 3, seed: int = 0) -> dict:
+    """CIFAR-10's python version with a few random images: five training batches, the test
+    batch and batches.meta, each a pickled dict as the original (bytes keys)."""
+    rng = np.random.default_rng(seed)
+    folder = data_dir / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    written = {}
+    for name, count in [*[(f"data_batch_{i}", per_batch) for i in range(1, 6)], ("test_batch", test_count)]:
+        data = rng.integers(0, 256, (count, 3072), dtype=np.uint8)
+        labels = rng.integers(0, 10, count).tolist()
+        with open(folder / name, "wb") as handle:
+            pickle.dump({b"batch_label": name.encode(), b"data": data, b"labels": labels}, handle, protocol=2)
+        written[name] = (data, labels)
+    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship",
+             b"truck"]
+    with open(folder / "batches.meta", "wb") as handle:
+        pickle.dump({b"label_names": names, b"num_cases_per_batch": per_batch, b"num_vis": 3072}, handle)
+    return written

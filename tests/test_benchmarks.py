@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import math
 import os
 import subprocess
 import sys
@@ -20,6 +23,52 @@ def test_throughput_script_measures_every_family(mnist_root):
             if line.startswith("| ") and not line.startswith("| family")]
     # (the script prints its table as it goes, then whole)
     assert {row[0].strip() for row in rows} == {
-        "autoencoder", "vae", "gan", "pixelcnn", "pixeltransformer", "realnvp", "diffusion"}
+        "autoencoder", "vae", "gan", "pixelcnn", "pixeltransformer", "realnvp", "diffusion", "flow_matching"}
     for row in rows:  # Lightning img/s, plain img/s, ratio, sampling img/s: all measured
         assert all(float(cell) > 0 for cell in row[2:]), row
+
+
+def test_loader_script_measures_the_cache_and_torchvision(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "loader.py"), "--num-images", "40", "--image-size", "8",
+         "--batch-size", "8", "--workers", "0", "--threads", "1", "--scratch", str(tmp_path),
+         "--output", str(tmp_path / "loader.md")],
+        env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in (tmp_path / "loader.md").read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| loader")]
+    assert [row[0].strip() for row in rows] == ["ImageFolderDataModule (uint8 cache)",
+                                                "torchvision ImageFolder + DataLoader"]
+    for row in rows:  # epoch 1 and 2 img/s (and, for the data module, from the cache): measured
+        assert all(float(cell) > 0 for cell in row[2:] if cell.strip() != "-"), row
+    assert len(list(tmp_path.glob("images_40_v1/class_*/*"))) == 40  # the generated folder
+    assert len(list((tmp_path / "cache").glob("imagefolder-*.pt"))) == 1
+
+
+def test_gpu_check_runs_every_part_at_a_tiny_size(tmp_path, mnist_root):
+    """The prepared GPU command, at a tiny size on the CPU: every part measured, the JSON and the
+    table written; a missing diffusers stops it before anything runs unless it is skipped."""
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "LIGHTNING_GEN_DATA": str(mnist_root),
+                   "OMP_NUM_THREADS": "1"}
+    script = str(REPO / "benchmarks" / "gpu_check.py")
+    if importlib.util.find_spec("diffusers") is None:
+        refused = subprocess.run([sys.executable, script, "--tiny", "--device", "cpu", "--output-dir", str(tmp_path)],
+                                 env=environment, capture_output=True, text=True, timeout=120)
+        assert refused.returncode != 0 and "pip install -e '.[bench]'" in refused.stderr
+        assert not (tmp_path / "gpu_check.json").exists()
+    result = subprocess.run(
+        [sys.executable, script, "--tiny", "--device", "cpu", "--skip-diffusers", "--output-dir", str(tmp_path)],
+        env=environment, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert "error" not in results
+    measured = {(row["family"], row["precision"]) for row in results["throughput"]}
+    assert measured == {(family, precision) for family in
+                        ("autoencoder", "vae", "gan", "pixelcnn", "pixeltransformer", "realnvp", "diffusion",
+                         "flow_matching") for precision in ("32-true", "bf16-mixed")}
+    assert all(row["lightning_images_per_s"] > 0 and row["plain_images_per_s"] > 0 for row in results["throughput"])
+    assert [row["compile"] for row in results["compile"]] == [False, True]
+    assert [row["family"] for row in results["fits"]] == ["vae", "gan", "diffusion"]
+    assert all(row["steps"] > 0 and math.isfinite(row["fid"]) for row in results["fits"])
+    assert all(math.isfinite(row["test_nll_nats"]) for row in results["fits"] if row["family"] != "gan")
+    assert "| flow_matching | bf16-mixed |" in (tmp_path / "gpu_check.md").read_text()

@@ -18,7 +18,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from cli_helpers import CONFIGS, QUICK, REPO, run_cli
+from cli_helpers import CONFIGS, QUICK, REPO, run_cli, write_cifar10
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gen import GAN, VAE, Autoencoder, Diffusion, FlowMatching, RealNVP
@@ -237,9 +237,13 @@ def test_every_config_trains_two_steps_as_written(config, run_dir, mnist_root):
     # the FID/KID feature network, a classifier, has its own command: cli.py features fit
     features = config == "mnist_features.yaml"
     command = ["features", "fit"] if features else ["fit"]
+    data = []
+    if config.endswith("_cifar10.yaml"):  # a few fake CIFAR-10 images (nothing is downloaded)
+        write_cifar10(run_dir / "data")
+        data = ["--data.init_args.data_dir", str(run_dir / "data"), "--data.init_args.val_size", "4"]
     fitted = run_cli(*command, "--config", str(CONFIGS / config), *QUICK, "--trainer.max_steps", "2",
                      "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2",
-                     "--data.init_args.batch_size", "2",
+                     "--data.init_args.batch_size", "2", *data,
                      *([] if features else ["--sample_logger.num_samples", "4"]))
     assert fitted.trainer.global_step >= 2
     # (a WGAN with five critic steps per generator step logs train/d_loss only, in two batches)

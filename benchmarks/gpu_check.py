@@ -1,0 +1,252 @@
+"""One prepared GPU check: every figure this project wants from a GPU, from one command.
+
+On one H100/H200-class GPU it is meant to finish in under 10 minutes and writes
+``benchmarks/results/gpu_check.json`` and ``gpu_check.md``:
+
+1. training images/s of every family (the networks of configs/*_mnist.yaml) at --batch-size
+   (512), under the Lightning Trainer and in a plain PyTorch loop (``throughput.py``'s two
+   sides), in 32-true and bf16-mixed;
+2. the diffusion U-Net's training images/s with ``torch.compile`` off and on;
+3. Diffusion against diffusers' ``UNet2DModel`` of the same size (training at batch 128 and 512,
+   DDIM-50 sampling; ``benchmarks/diffusion.py speed``'s measurement); diffusers comes from the
+   optional ``bench`` extra (``pip install -e ".[bench]"``);
+4. short fits (--fit-seconds each, 90) of the VAE, the DCGAN and diffusion on device-resident
+   MNIST, with FID of --fid-samples samples (MNIST feature network; trained first when
+   ``checkpoints/mnist_features/last.ckpt`` is missing) and the test NLL where the family has one.
+
+It fails loudly: any measurement that raises stops the run with a non-zero status and the
+results so far are written with the error; a missing diffusers is an error unless
+``--skip-diffusers`` says to leave part 3 out.
+
+    python benchmarks/gpu_check.py                                   # on the GPU machine
+    python benchmarks/gpu_check.py --tiny --device cpu --skip-diffusers --output-dir /tmp/check   # the test
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import lightning as L
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import throughput  # noqa: E402
+from datamodules import MNISTDataModule  # noqa: E402
+
+FIT_FAMILIES = ("vae", "gan", "diffusion")
+
+
+def hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.machine()} CPU, {torch.get_num_threads()} thread(s)"
+
+
+def throughput_args(args, precision: str, batch_size: int, compile_: bool = False) -> argparse.Namespace:
+    return argparse.Namespace(batch_size=batch_size, steps=args.steps, warmup_steps=args.warmup_steps,
+                              precision=precision, compile=compile_, channels_last=False)
+
+
+def training_throughput(args, device, images, labels) -> list[dict]:
+    rows = []
+    for family in throughput.FAMILIES:
+        for precision in ("32-true", "bf16-mixed"):
+            L.seed_everything(0, verbose=False)
+            model = throughput.build(family, "small" if args.tiny else "config")
+            twin = copy.deepcopy(model)
+            options = throughput_args(args, precision, args.batch_size)
+            lightning = throughput.lightning_throughput(model, images, labels, options, device)
+            plain = throughput.plain_throughput(twin, images, labels, options, device)
+            rows.append({"family": family, "precision": precision, "lightning_images_per_s": lightning,
+                         "plain_images_per_s": plain, "ratio": lightning / plain})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def compile_comparison(args, device, images, labels) -> list[dict]:
+    rows = []
+    for compile_ in (False, True):
+        L.seed_everything(0, verbose=False)
+        model = throughput.build("diffusion", "small" if args.tiny else "config")
+        options = throughput_args(args, "bf16-mixed" if device.type == "cuda" else "32-true",
+                                  args.batch_size, compile_)
+        rate = throughput.lightning_throughput(model, images, labels, options, device)
+        rows.append({"compile": compile_, "precision": options.precision, "lightning_images_per_s": rate})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def diffusers_comparison(args, device) -> list[dict]:
+    import diffusion as diffusion_benchmark
+
+    options = argparse.Namespace(
+        device=str(device), image_size=32, bf16=False, channels_last=False, compile=False,
+        compile_mode="default", warmup_steps=args.warmup_steps, train_steps=args.steps,
+        sample_runs=1, sampling_steps=2 if args.tiny else 50)
+    rows = []
+    for batch_size in ((4,) if args.tiny else (128, 512)):
+        torch.manual_seed(0)
+        rows.append(diffusion_benchmark.measure("ours", *diffusion_benchmark.ours(options, False),
+                                                options, batch_size))
+        rows.append(diffusion_benchmark.measure("diffusers UNet2DModel",
+                                                *diffusion_benchmark.diffusers_model(options, False),
+                                                options, batch_size))
+    return rows
+
+
+def feature_network_path(args, device) -> str:
+    """The MNIST feature network for FID: the default checkpoint, or one trained now."""
+    from lightning_gen.callbacks.quality import default_feature_network
+    from lightning_gen.metrics.features import MNISTClassifier
+
+    path = default_feature_network()
+    if os.path.isfile(path) and not args.tiny:
+        return path
+    path = str(Path(args.output_dir) / "mnist_features.ckpt")
+    classifier = MNISTClassifier(base_channels=4, feature_dim=16) if args.tiny else MNISTClassifier()
+    data = MNISTDataModule(batch_size=256, download=False, device_resident=True)
+    trainer = L.Trainer(accelerator=device.type if device.type != "cuda" else "gpu", devices=1,
+                        max_epochs=1, max_steps=2 if args.tiny else -1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0)
+    trainer.fit(classifier, datamodule=data)
+    trainer.save_checkpoint(path)
+    return path
+
+
+def short_fits(args, device) -> list[dict]:
+    import yaml
+
+    from lightning_gen.metrics import extract_features, fid_kid_from_features, load_feature_network, real_features
+
+    features = feature_network_path(args, device)
+    network = load_feature_network(features).to(device)
+    rows = []
+    for family in FIT_FAMILIES:
+        L.seed_everything(0, verbose=False)
+        model = throughput.build(family, "small" if args.tiny else "config")
+        config = yaml.safe_load((REPO / "configs" / throughput.FAMILIES[family][0]).read_text())
+        data = MNISTDataModule(batch_size=config["data"]["init_args"].get("batch_size", 128),
+                               download=False, device_resident=True)
+        limits = {"max_steps": 3} if args.tiny else {"max_time": datetime.timedelta(seconds=args.fit_seconds)}
+        trainer = L.Trainer(accelerator=device.type if device.type != "cuda" else "gpu", devices=1,
+                            precision="bf16-mixed" if device.type == "cuda" else "32-true",
+                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            limit_val_batches=0, num_sanity_val_steps=0, max_epochs=-1, **limits)
+        start = time.perf_counter()
+        trainer.fit(model, datamodule=data)
+        seconds = time.perf_counter() - start
+        model = model.to(device).eval()
+        data.setup("test")
+        test_images = torch.cat([batch[0].cpu() for batch in data.test_dataloader()])
+        real = real_features(network, features, test_images[: args.fid_samples * 10], name="MNISTDataModule")
+        torch.manual_seed(2)
+        options = throughput.FAMILIES[family][2]
+        fake = torch.cat([extract_features(network, model.sample(min(500, args.fid_samples - done), **options).clamp(0, 1))
+                          for done in range(0, args.fid_samples, 500)])
+        fid, _ = fid_kid_from_features(real.cpu(), fake.cpu(), kid_subset_size=min(1000, args.fid_samples))
+        row = {"family": family, "steps": trainer.global_step, "seconds": seconds, "fid": float(fid),
+               "fid_samples": args.fid_samples}
+        x, y = test_images[:256].to(device), None
+        with torch.no_grad():
+            if family == "vae":
+                row["test_nll_nats"] = model.log_prob(x, num_samples=16 if args.tiny else 100).mean().item()
+            elif family == "diffusion":
+                row["test_nll_nats"] = model.variational_bound(x, y, timesteps=4 if args.tiny else 64).mean().item()
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def markdown(results: dict) -> str:
+    lines = [f"# GPU check ({results['date']}, {results['hardware']}, torch {results['torch']})", "",
+             f"    {results['command']}", ""]
+    if results.get("error"):
+        lines += ["**Failed:** " + results["error"].splitlines()[-1], ""]
+    if results.get("throughput"):
+        lines += ["| family | precision | Lightning img/s | plain img/s | ratio |", "|---|---|---:|---:|---:|"]
+        lines += [f"| {r['family']} | {r['precision']} | {r['lightning_images_per_s']:.1f} | "
+                  f"{r['plain_images_per_s']:.1f} | {r['ratio']:.3f} |" for r in results["throughput"]]
+        lines.append("")
+    if results.get("compile"):
+        lines += ["| diffusion U-Net | precision | Lightning img/s |", "|---|---|---:|"]
+        lines += [f"| compile {r['compile']} | {r['precision']} | {r['lightning_images_per_s']:.1f} |"
+                  for r in results["compile"]]
+        lines.append("")
+    if results.get("diffusers"):
+        lines += ["| model | parameters | batch | train img/s | DDIM sampling img/s |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {r['model']} | {r['parameters']:,} | {r['batch']} | {r['train']:.1f} | {r['sample']:.2f} |"
+                  for r in results["diffusers"]]
+        lines.append("")
+    if results.get("fits"):
+        lines += ["| family | steps | seconds | FID | test NLL (nats) |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {r['family']} | {r['steps']} | {r['seconds']:.0f} | {r['fid']:.2f} | "
+                  f"{r.get('test_nll_nats', float('nan')):.2f} |" for r in results["fits"]]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tiny", action="store_true", help="small networks, few steps (the test)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default 512 (tiny: 8)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20, tiny 1)")
+    parser.add_argument("--warmup-steps", type=int, default=None, help="default 5 (tiny 1)")
+    parser.add_argument("--fit-seconds", type=float, default=90.0)
+    parser.add_argument("--fid-samples", type=int, default=None, help="default 5000 (tiny 20)")
+    parser.add_argument("--skip-diffusers", action="store_true")
+    parser.add_argument("--output-dir", default=str(REPO / "benchmarks" / "results"))
+    args = parser.parse_args()
+    defaults = {"batch_size": (512, 8), "steps": (20, 1), "warmup_steps": (5, 1), "fid_samples": (5000, 20)}
+    for name, (full, tiny) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, tiny if args.tiny else full)
+    if not args.skip_diffusers:
+        try:  # checked before anything runs: a missing extra must not cost the other parts' time
+            import diffusers  # noqa: F401
+        except ImportError:
+            parser.error("diffusers is not installed: pip install -e '.[bench]', or pass "
+                         "--skip-diffusers to leave the comparison out")
+    device = torch.device(args.device)
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    results = {"date": str(datetime.date.today()), "hardware": hardware(device), "torch": torch.__version__,
+               "command": "python benchmarks/gpu_check.py " + " ".join(sys.argv[1:])}
+    data = MNISTDataModule(download=False)
+    data.setup("fit")
+    images, labels = data.train_set.images, data.train_set.labels
+    parts = [("throughput", lambda: training_throughput(args, device, images, labels)),
+             ("compile", lambda: compile_comparison(args, device, images, labels))]
+    if not args.skip_diffusers:
+        parts.append(("diffusers", lambda: diffusers_comparison(args, device)))
+    parts.append(("fits", lambda: short_fits(args, device)))
+    status = 0
+    try:
+        for name, part in parts:
+            started = time.perf_counter()
+            results[name] = part()
+            results[f"{name}_seconds"] = time.perf_counter() - started
+    except Exception:  # written with the results so far, then a non-zero exit
+        results["error"] = traceback.format_exc()
+        status = 1
+    output = Path(args.output_dir)
+    (output / "gpu_check.json").write_text(json.dumps(results, indent=2) + "\n")
+    (output / "gpu_check.md").write_text(markdown(results))
+    print(markdown(results))
+    if status:
+        print(results["error"], file=sys.stderr)
+    sys.exit(status)
+
+
+if __name__ == "__main__":
+    main()
