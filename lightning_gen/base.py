@@ -159,6 +159,15 @@ class GenerativeModule(L.LightningModule):
         if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
 
+    def starting_noise(self, noise: Tensor | None, num_samples: int, name: str) -> Tensor:
+        """The noise a sampler starts from, float32 on the model's device: drawn from N(0, I)
+        when ``noise`` is None, else the given one, checked to be (num_samples, *data_shape)."""
+        if noise is None:
+            return torch.randn(num_samples, *self.data_shape, device=self.device)
+        if tuple(noise.shape) != (num_samples, *self.data_shape):
+            raise ValueError(f"{name} must have shape {(num_samples, *self.data_shape)}, got {tuple(noise.shape)}")
+        return noise.to(self.device).float()
+
     def to_model_space(self, x: Tensor) -> Tensor:
         """Images [0, 1] -> [-1, 1] (Ho et al. 2020, sec. 3.3; a tanh generator's range);
         vectors unchanged."""

@@ -292,12 +292,9 @@ class Diffusion(GenerativeModule):
         guidance_scale = self.guidance_scale if guidance_scale is None else guidance_scale
         check_guidance(self.num_classes, self.label_dropout, guidance_scale)
         labels = self.sampling_labels(y, num_samples)
-        if x_T is None:
-            x_T = torch.randn(num_samples, *self.data_shape, device=self.device)
-        elif tuple(x_T.shape) != (num_samples, *self.data_shape):
-            raise ValueError(f"x_T must have shape {(num_samples, *self.data_shape)}, got {tuple(x_T.shape)}")
+        x_T = self.starting_noise(x_T, num_samples, "x_T")
         denoise = self.denoiser(self.sampling_network(use_ema), labels, guidance_scale)
-        x0, states, denoised = sampling_loop(denoise, self.schedule, x_T.to(self.device).float(),
+        x0, states, denoised = sampling_loop(denoise, self.schedule, x_T,
                                              sampler, steps, eta, self.clip_denoised, record)
         result = {"x0": self.from_model_space(x0).float()}
         if record:

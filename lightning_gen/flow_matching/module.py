@@ -217,13 +217,10 @@ class FlowMatching(GenerativeModule):
         guidance_scale = self.guidance_scale if guidance_scale is None else guidance_scale
         check_guidance(self.num_classes, self.label_dropout, guidance_scale)
         labels = self.sampling_labels(y, num_samples)
-        if x0 is None:
-            x0 = torch.randn(num_samples, *self.data_shape, device=self.device)
-        elif tuple(x0.shape) != (num_samples, *self.data_shape):
-            raise ValueError(f"x0 must have shape {(num_samples, *self.data_shape)}, got {tuple(x0.shape)}")
+        x0 = self.starting_noise(x0, num_samples, "x0")
         network = self.velocity_of(self.sampling_network(use_ema))
         velocity = guided(network, labels, self.num_classes, guidance_scale)
-        x1, _ = integrate(velocity, x0.to(self.device).float(), steps, sampler)
+        x1, _ = integrate(velocity, x0, steps, sampler)
         return self.from_model_space(x1).float()
 
     def predict_options(self) -> dict[str, Any]:

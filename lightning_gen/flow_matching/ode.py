@@ -138,7 +138,8 @@ def log_likelihood(velocity: Velocity, x1: Tensor, steps: int, solver: str = "he
         if solver == "euler":
             v, div = velocity_and_divergence(x, t)
         elif solver == "midpoint":
-            v, _ = velocity_and_divergence(x, t)
+            with torch.no_grad():  # the first stage needs the velocity only, not its divergence
+                v = velocity(x, torch.full((batch_size,), t, device=device)).detach()
             v, div = velocity_and_divergence(x + 0.5 * h * v, t + 0.5 * h)
         else:
             v1, div1 = velocity_and_divergence(x, t)
