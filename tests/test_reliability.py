@@ -25,7 +25,8 @@ from lightning_gen import GAN, VAE, Autoencoder, Diffusion, FlowMatching, RealNV
 from lightning_gen.base import DivergenceError
 from lightning_gen.diffusion import MLPDenoiserConfig
 
-ALL_CONFIGS = sorted(path.name for path in CONFIGS.glob("*.yaml"))
+# every config, the laptop presets in configs/cpu/ included
+ALL_CONFIGS = sorted(str(path.relative_to(CONFIGS)) for path in CONFIGS.rglob("*.yaml"))
 TINY_FIT = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "2",
             "--trainer.num_sanity_val_steps", "0"]
 

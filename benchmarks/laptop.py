@@ -1,0 +1,188 @@
+"""Laptop presets: fit and predict each ``configs/cpu/<family>_mnist.yaml`` as a user would, then
+score the samples.
+
+For each preset, in a scratch folder (``--scratch``, default ``benchmarks/runs/laptop/``, ignored
+by git), two ordinary CLI commands:
+
+    python cli.py fit --config configs/cpu/X.yaml                       (stops by itself: max_time)
+    python cli.py predict --config configs/cpu/X.yaml --ckpt_path checkpoints/cpu/X/last.ckpt \\
+        --data.init_args.num_predict_samples 1000
+
+then the ``samples.pt`` predict wrote is scored with the MNIST classifier
+(``lightning_gen.metrics.digit_scores``: mean maximum softmax, entropy of the predicted-label
+histogram) and its FID against the 10,000 test digits (same network's features). A sample is
+"recognisable" at confidence >= 0.9 and label entropy >= 2.2 nats (real test digits: 0.99 and
+2.29 with configs/mnist_features.yaml's network).
+
+Writes ``--output`` (a markdown table: family, steps done, fit minutes, predict seconds,
+confidence, label entropy, FID, load average) and ``laptop_<family>.png`` (the first 64 samples)
+beside it. Any failing command stops the run with its error (exit 1); nothing is skipped.
+
+    python benchmarks/laptop.py                                  # every preset, ~70 minutes
+    python benchmarks/laptop.py --families gan_mnist --minutes 3 # a shorter trial (the table says so)
+
+The feature network defaults to $LIGHTNING_GEN_FEATURE_NETWORK or checkpoints/mnist_features/
+last.ckpt (``python cli.py features fit --config configs/mnist_features.yaml``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torchvision.utils import save_image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from lightning_gen.metrics import (  # noqa: E402
+    digit_scores, extract_features, fid_kid_from_features, load_feature_network, load_mnist_classifier,
+    real_features,
+)
+
+PRESETS = REPO / "configs" / "cpu"
+FAMILIES = ("gan_mnist", "diffusion_mnist", "flow_matching_mnist", "pixelcnn_mnist",
+            "pixeltransformer_mnist", "vae_mnist")
+MIN_CONFIDENCE, MIN_LABEL_ENTROPY = 0.9, 2.2
+
+
+class CommandFailed(RuntimeError):
+    pass
+
+
+def run(command: list[str], cwd: Path) -> float:
+    """Run a CLI command in ``cwd``; its wall-clock seconds. Raises with the output's tail on failure."""
+    environment = {**os.environ, "PYTHONPATH": str(REPO)}
+    environment.setdefault("WANDB_MODE", "offline")
+    start = time.perf_counter()
+    result = subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    (cwd / f"{command[2]}.log").write_text(result.stdout + result.stderr)
+    if result.returncode != 0:
+        raise CommandFailed(f"{' '.join(command)} exited {result.returncode}:\n{result.stderr[-3000:]}")
+    return seconds
+
+
+def batches_trained(checkpoint: Path) -> int:
+    """Training batches of the fit (the GAN's global_step counts two optimizer steps per batch)."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    return int(state["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"])
+
+
+def max_time(minutes: float) -> str:
+    seconds = round(minutes * 60)
+    return f"00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def evaluate(family: str, args: argparse.Namespace, scorer, features, real) -> dict:
+    config = PRESETS / f"{family}.yaml"
+    folder = args.scratch / family
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    cli = [sys.executable, str(REPO / "cli.py")]
+    load = os.getloadavg()[0]
+    fit = cli + ["fit", "--config", str(config)]
+    if args.minutes is not None:
+        fit += ["--trainer.max_time", max_time(args.minutes)]
+    fit_seconds = run(fit, folder)
+    checkpoint = folder / "checkpoints" / "cpu" / family / "last.ckpt"
+    predict_seconds = run(cli + ["predict", "--config", str(config), "--ckpt_path", str(checkpoint),
+                                 "--data.init_args.num_predict_samples", str(args.num_samples)], folder)
+    samples = torch.load(folder / "outputs" / "cpu" / family / "samples.pt")  # uint8 (N, 1, 28, 28)
+    if len(samples) != args.num_samples:
+        raise CommandFailed(f"{family}: predict wrote {len(samples)} samples, asked {args.num_samples}")
+    scores = digit_scores(samples, scorer)
+    images = samples.float() / 255
+    fid, _ = fid_kid_from_features(real, extract_features(features, images),
+                                   kid_subset_size=min(1000, len(images)))
+    save_image(images[:64], args.output.parent / f"laptop_{family}.png", nrow=8, padding=2, pad_value=0.5)
+    return dict(family=family, steps=batches_trained(checkpoint), fit_minutes=fit_seconds / 60,
+                predict_seconds=predict_seconds, confidence=scores.confidence,
+                label_entropy=scores.label_entropy, fid=float(fid), load=load,
+                recognisable=scores.recognisable(MIN_CONFIDENCE, MIN_LABEL_ENTROPY))
+
+
+def table(rows: list[dict], args: argparse.Namespace, feature_network: str) -> list[str]:
+    budget = "each preset's own max_time (10 minutes)" if args.minutes is None else \
+        f"max_time overridden to {args.minutes} minutes (a trial, not the presets as written)"
+    lines = [
+        f"# Laptop presets on MNIST ({datetime.date.today()})",
+        "",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+        f"{torch.__version__}; fit budget: {budget}. Scores of {args.num_samples} predict samples with "
+        f"the MNIST classifier {feature_network}: confidence = mean max softmax (goal >= {MIN_CONFIDENCE}), "
+        f"label entropy in nats (goal >= {MIN_LABEL_ENTROPY}; uniform 2.303); FID against the 10,000 "
+        f"test digits (few samples bias FID upwards). Fit minutes are the whole command (start-up, "
+        f"validation, checkpoints included); load = 1-minute load average before the fit.",
+        "",
+        f"    python benchmarks/laptop.py {' '.join(sys.argv[1:])}",
+        "",
+        "| family | steps | fit min | predict s | confidence | label entropy | FID | goal met | load |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['family']} | {row['steps']} | {row['fit_minutes']:.1f} | {row['predict_seconds']:.0f} "
+            f"| {row['confidence']:.3f} | {row['label_entropy']:.3f} | {row['fid']:.1f} "
+            f"| {'yes' if row['recognisable'] else 'no'} | {row['load']:.1f} |")
+    lines += ["", *[f"![{row['family']}](laptop_{row['family']}.png)" for row in rows]]
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--families", default=",".join(FAMILIES),
+                        help=f"comma-separated preset names from configs/cpu/ (default: {','.join(FAMILIES)})")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="override the presets' max_time (trials; default: as written)")
+    parser.add_argument("--num-samples", type=int, default=1000)
+    parser.add_argument("--feature-network", default=None)
+    parser.add_argument("--scratch", type=Path, default=REPO / "benchmarks" / "runs" / "laptop")
+    parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "laptop.md")
+    args = parser.parse_args(argv)
+    families = [name for name in args.families.split(",") if name]
+    unknown = [name for name in families if not (PRESETS / f"{name}.yaml").is_file()]
+    if unknown or not families:
+        parser.error(f"no preset configs/cpu/<name>.yaml for {unknown or 'an empty --families'}; "
+                     f"choose from {', '.join(FAMILIES)}")
+    if args.num_samples < 2 or (args.minutes is not None and args.minutes <= 0):
+        parser.error("--num-samples must be >= 2 and --minutes > 0")
+    from lightning_gen.callbacks.quality import default_feature_network
+
+    feature_network = args.feature_network or default_feature_network()
+    if not feature_network or not Path(feature_network).is_file():
+        parser.error(f"no MNIST feature network at {feature_network}: train it with "
+                     "python cli.py features fit --config configs/mnist_features.yaml, or pass --feature-network")
+    scorer = load_mnist_classifier(feature_network)
+    features = load_feature_network(feature_network)
+    from datamodules import MNISTDataModule
+
+    test = MNISTDataModule(download=False)
+    test.setup("test")
+    real = real_features(features, feature_network, torch.cat([x for x, _ in test.test_dataloader()]),
+                         name="MNISTDataModule")
+    args.scratch.mkdir(parents=True, exist_ok=True)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for family in families:
+        try:
+            rows.append(evaluate(family, args, scorer, features, real))
+        except CommandFailed as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        print(rows[-1], flush=True)
+        args.output.write_text("\n".join(table(rows, args, feature_network)) + "\n")
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

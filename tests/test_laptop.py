@@ -1,0 +1,151 @@
+"""Laptop presets (configs/cpu/) and how their samples are scored (metrics.digit_scores).
+
+The presets train two steps as written in test_reliability.test_every_config_trains_two_steps_as_written
+(its config list includes configs/cpu/); here: what the presets promise (they stop on time by
+themselves, on the CPU), the scoring on real digits and on non-digits, and benchmarks/laptop.py
+end to end at a tiny size.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from cli_helpers import CONFIGS, REPO
+from datamodules import MNISTDataModule
+from lightning_gen.metrics import MNISTClassifier, digit_scores
+
+PRESETS = sorted((CONFIGS / "cpu").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def classifier(mnist_root) -> MNISTClassifier:
+    """A small MNIST classifier trained for 250 steps here (~96% test accuracy), in eval mode."""
+    torch.manual_seed(0)
+    model = MNISTClassifier(base_channels=8, feature_dim=32, dropout=0.1)
+    data = MNISTDataModule(batch_size=128, download=False)
+    data.setup("fit")
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step, (x, y) in enumerate(data.train_dataloader()):
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step == 250:
+            break
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def test_digits(mnist_root) -> tuple[torch.Tensor, torch.Tensor]:
+    data = MNISTDataModule(download=False)
+    data.setup("test")
+    return data.test_set.images[:1000].unsqueeze(1), data.test_set.labels[:1000]  # uint8, int
+
+
+def test_presets_cover_every_image_family_and_stop_on_time_on_the_cpu():
+    families = {path.stem: yaml.safe_load(path.read_text()) for path in PRESETS}
+    assert set(families) == {"gan_mnist", "diffusion_mnist", "flow_matching_mnist", "pixelcnn_mnist",
+                             "pixeltransformer_mnist", "vae_mnist"}
+    for name, config in families.items():
+        trainer = config["trainer"]
+        assert trainer["max_time"] == "00:00:10:00" and trainer["max_epochs"] == -1, name
+        assert trainer["accelerator"] == "cpu", name
+        # a schedule sized by a step count would be cut at a machine-dependent point
+        assert config["model"]["init_args"].get("lr_schedule", "constant") == "constant", name
+        assert config["data"]["class_path"] == "datamodules.MNISTDataModule", name
+    # diffusion and flow matching are compared with the same network and budget
+    networks = [families[name]["model"]["init_args"]["unet"] for name in ("diffusion_mnist", "flow_matching_mnist")]
+    assert networks[0] == networks[1]
+
+
+def test_digit_scores_are_high_on_real_digits(classifier, test_digits):
+    images, labels = test_digits
+    scores = digit_scores(images, classifier.network)
+    assert scores.confidence >= 0.9 and scores.label_entropy >= 2.2
+    assert scores.recognisable()
+    assert sum(scores.label_counts) == 1000
+    # the histogram is of predicted labels: close to the true one for a good classifier
+    true_counts = torch.bincount(labels, minlength=10)
+    assert (torch.tensor(scores.label_counts) - true_counts).abs().sum() < 150
+    # float images in [0, 1] score as their uint8 form does
+    assert digit_scores(images.float() / 255, classifier.network) == scores
+
+
+def test_digit_scores_are_low_on_non_digits(classifier, test_digits):
+    images, _ = test_digits
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.rand(1000, 1, 28, 28, generator=generator)
+    blank = torch.zeros(1000, 1, 28, 28)
+    blurred = F.avg_pool2d(images.float() / 255, 7, stride=1, padding=3)
+    one_digit = images[:1].expand(1000, -1, -1, -1)  # a collapsed model: one confident digit
+    real = digit_scores(images, classifier.network)
+    for name, fake in [("noise", noise), ("blank", blank), ("blurred", blurred), ("one digit", one_digit)]:
+        scores = digit_scores(fake, classifier.network)
+        assert not scores.recognisable(), (name, scores)
+        assert scores.confidence < real.confidence or scores.label_entropy < 1.0, (name, scores)
+    assert digit_scores(one_digit, classifier.network).label_entropy == 0.0
+    assert digit_scores(noise, classifier.network).label_entropy < 1.5
+    assert digit_scores(blurred, classifier.network).confidence < real.confidence - 0.1
+
+
+def test_label_entropy_of_a_uniform_histogram_is_log_ten(classifier, test_digits):
+    images, labels = test_digits
+    predicted = classifier.network(images.float() / 255).argmax(1)
+    # 50 correctly classified images of each digit: a uniform histogram
+    chosen = torch.cat([torch.nonzero((labels == d) & (predicted == d))[:50, 0] for d in range(10)])
+    scores = digit_scores(images[chosen], classifier.network)
+    assert scores.label_counts == (50,) * 10
+    assert math.isclose(scores.label_entropy, math.log(10), rel_tol=1e-9)
+
+
+def test_digit_scores_refuse_what_is_not_a_set_of_digits(classifier):
+    with pytest.raises(ValueError, match=r"\(N, 1, 28, 28\)"):
+        digit_scores(torch.rand(4, 3, 32, 32), classifier.network)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        digit_scores(torch.rand(4, 1, 28, 28) * 2, classifier.network)
+    with pytest.raises(ValueError, match="no images"):
+        digit_scores(torch.rand(0, 1, 28, 28), classifier.network)
+    with pytest.raises(ValueError, match="NaN"):
+        digit_scores(torch.full((2, 1, 28, 28), float("nan")), classifier.network)
+
+
+def test_laptop_benchmark_fits_predicts_and_scores_a_preset(classifier, mnist_root, tmp_path):
+    checkpoint = tmp_path / "classifier.ckpt"
+    torch.save({"state_dict": classifier.state_dict(), "hyper_parameters": dict(classifier.hparams),
+                "pytorch-lightning_version": L.__version__}, checkpoint)
+    output = tmp_path / "results" / "laptop.md"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "laptop.py"), "--families", "vae_mnist",
+         "--minutes", "0.1", "--num-samples", "20", "--feature-network", str(checkpoint),
+         "--scratch", str(tmp_path / "runs"), "--output", str(output)],
+        env={**os.environ, "LIGHTNING_GEN_DATA": str(mnist_root), "LIGHTNING_GEN_CACHE": str(tmp_path / "cache")},
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in output.read_text().splitlines() if line.startswith("| vae_mnist")]
+    assert len(rows) == 1
+    family, steps, fit_minutes, predict_seconds, confidence, entropy, fid, met, load = (c.strip() for c in rows[0])
+    assert int(steps) >= 1 and 0 < float(fit_minutes) < 3 and float(predict_seconds) > 0
+    assert 0.1 <= float(confidence) <= 1 and 0 <= float(entropy) <= math.log(10) + 1e-6
+    assert float(fid) > 0 and met in ("yes", "no")
+    assert "max_time overridden to 0.1 minutes" in output.read_text()
+    grid = Path(output.parent / "laptop_vae_mnist.png")
+    from torchvision.io import read_image
+
+    pixels = read_image(str(grid))
+    assert pixels.shape[1] > 28 and pixels.float().std() > 0
+
+
+def test_laptop_benchmark_refuses_an_unknown_preset(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "laptop.py"), "--families", "gan_cifar10"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "no preset configs/cpu/<name>.yaml for ['gan_cifar10']" in result.stderr
