@@ -18,7 +18,13 @@ entropy, the floor any model's expected NLL sits on.
     python benchmarks/flow_matching.py toy --minutes 3 --threads 2
 
 Each writes a markdown table to benchmarks/results/ (and prints it); checkpoints go to
-benchmarks/runs/ (ignored by git), and --skip-training evaluates the ones there.
+benchmarks/runs/ (ignored by git), and --skip-training evaluates the ones there. ``mnist
+--checkpoints D F`` evaluates two checkpoints of ``cli.py fit`` instead, e.g. the laptop presets'
+(configs/cpu/diffusion_mnist.yaml and configs/cpu/flow_matching_mnist.yaml: one U-Net, ten minutes each):
+
+    python benchmarks/flow_matching.py mnist --threads 2 --checkpoints \\
+        benchmarks/runs/laptop/diffusion_mnist/checkpoints/cpu/diffusion_mnist/last.ckpt \\
+        benchmarks/runs/laptop/flow_matching_mnist/checkpoints/cpu/flow_matching_mnist/last.ckpt
 """
 
 from __future__ import annotations
@@ -99,6 +105,20 @@ def flow_matching_samplers() -> list[tuple[str, dict, int]]:
     return rows
 
 
+def checkpoint_description(paths: dict[str, Path], models: dict[str, L.LightningModule]) -> str:
+    """What the two checkpoints of ``--checkpoints`` hold: network, optimizer, steps, data batch."""
+    parts = []
+    for family, path in paths.items():
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        batch = state.get("datamodule_hyper_parameters", {}).get("batch_size", "?")
+        hparams = models[family].hparams
+        options = {key: hparams[key] for key in ("learning_rate", "warmup_steps", "lr_schedule", "ema_decay")
+                   if key in hparams}
+        parts.append(f"{family}: {path} (step {state['global_step']}, batch {batch}, {options}, "
+                     f"U-Net {dict(hparams['unet'])})")
+    return "Models from checkpoints, " + "; ".join(parts) + "."
+
+
 def mnist(args: argparse.Namespace) -> None:
     from lightning_gen.callbacks.quality import default_feature_network
     from lightning_gen.metrics import extract_features, fid_kid_from_features, load_feature_network, real_features
@@ -107,10 +127,13 @@ def mnist(args: argparse.Namespace) -> None:
     if not os.path.isfile(feature_network):
         raise SystemExit(f"error: no MNIST feature network at {feature_network}: train it with "
                          "python cli.py features fit --config configs/mnist_features.yaml")
-    RUNS.mkdir(parents=True, exist_ok=True)
-    common = dict(unet=CPU_UNET, ema_decay=0.999, learning_rate=args.learning_rate, warmup_steps=200)
-    paths = {"diffusion": RUNS / "diffusion_mnist.ckpt", "flow_matching": RUNS / "flow_matching_mnist.ckpt"}
-    if not args.skip_training:
+    if args.checkpoints:
+        paths = dict(zip(("diffusion", "flow_matching"), map(Path, args.checkpoints)))
+    else:
+        RUNS.mkdir(parents=True, exist_ok=True)
+        common = dict(unet=CPU_UNET, ema_decay=0.999, learning_rate=args.learning_rate, warmup_steps=200)
+        paths = {"diffusion": RUNS / "diffusion_mnist.ckpt", "flow_matching": RUNS / "flow_matching_mnist.ckpt"}
+    if not args.skip_training and not args.checkpoints:
         data = MNISTDataModule(batch_size=args.batch_size, download=False)
         record = train(Diffusion(data.data_shape, **common), data, paths["diffusion"],
                        max_time=datetime.timedelta(minutes=args.minutes))
@@ -138,15 +161,20 @@ def mnist(args: argparse.Namespace) -> None:
             fid, _ = fid_kid_from_features(real, fake, kid_subset_size=min(1000, args.fid_samples))
             rows.append((label, options["steps"], evaluations, float(fid), seconds))
             print(rows[-1], flush=True)
-    records = {family: run_record(path) for family, path in paths.items()}
+    if args.checkpoints:
+        described = checkpoint_description(paths, models)
+    else:
+        records = {family: run_record(path) for family, path in paths.items()}
+        described = (
+            f"Both models: the U-Net {CPU_UNET}, batch {args.batch_size}, AdamW "
+            f"lr {args.learning_rate} (200 warm-up steps), EMA 0.999; diffusion T = 1000 linear, epsilon "
+            f"prediction; flow matching independent coupling. Diffusion trained "
+            f"{records['diffusion']['steps']} steps in {records['diffusion']['minutes']:.1f} min, flow "
+            f"matching {records['flow_matching']['steps']} steps in {records['flow_matching']['minutes']:.1f} min.")
     lines = [
         f"# Flow matching and diffusion on MNIST: FID per network evaluation ({datetime.date.today()})",
         "",
-        f"Hardware: {hardware()}. Both models: the U-Net {CPU_UNET}, batch {args.batch_size}, AdamW "
-        f"lr {args.learning_rate} (200 warm-up steps), EMA 0.999; diffusion T = 1000 linear, epsilon "
-        f"prediction; flow matching independent coupling. Diffusion trained "
-        f"{records['diffusion']['steps']} steps in {records['diffusion']['minutes']:.1f} min, flow "
-        f"matching {records['flow_matching']['steps']} steps in {records['flow_matching']['minutes']:.1f} min.",
+        f"Hardware: {hardware()}. {described}",
         f"FID of {args.fid_samples} samples (EMA weights, seed 2) against the 10,000 test images, MNIST "
         f"feature network {feature_network}. Few samples bias FID upwards: compare rows, not papers.",
         "",
@@ -157,7 +185,7 @@ def mnist(args: argparse.Namespace) -> None:
         *[f"| {label} | {steps} | {evaluations} | {fid:.2f} | {seconds:.0f} |"
           for label, steps, evaluations, fid, seconds in rows],
     ]
-    write(RESULTS / "flow_matching_mnist.md", lines)
+    write(args.results / "flow_matching_mnist.md", lines)
 
 
 # -------------------------------------------------------------------------------------- toy
@@ -208,7 +236,7 @@ def toy(args: argparse.Namespace) -> None:
         *[f"| {name} | {family} | {steps} | {minutes:.1f} | {nll:.3f} | {entropy:.3f} | {nll - entropy:.3f} | {seconds:.1f} |"
           for name, family, steps, minutes, nll, entropy, seconds in rows],
     ]
-    write(RESULTS / "flow_matching_2d.md", lines)
+    write(args.results / "flow_matching_2d.md", lines)
 
 
 def write(path: Path, lines: list[str]) -> None:
@@ -223,14 +251,23 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=3.0, help="training minutes per model")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--skip-training", action="store_true", help="evaluate the checkpoints in benchmarks/runs/")
+    parser.add_argument("--checkpoints", nargs=2, metavar=("DIFFUSION", "FLOW_MATCHING"), default=None,
+                        help="mnist: evaluate these two checkpoints of cli.py fit (e.g. the laptop presets') "
+                             "instead of training")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--fid-samples", type=int, default=1000)
     parser.add_argument("--fid-batch-size", type=int, default=500)
     parser.add_argument("--feature-network", default=None)
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the markdown table")
     args = parser.parse_args()
     if args.minutes <= 0 or args.fid_samples < 2 or args.fid_batch_size < 1:
         parser.error("--minutes must be > 0, --fid-samples >= 2, --fid-batch-size >= 1")
+    if args.checkpoints and args.what != "mnist":
+        parser.error("--checkpoints applies to mnist only")
+    missing = [path for path in args.checkpoints or [] if not os.path.isfile(path)]
+    if missing:
+        parser.error(f"no checkpoint at {', '.join(missing)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     (mnist if args.what == "mnist" else toy)(args)
