@@ -72,3 +72,40 @@ def test_gpu_check_runs_every_part_at_a_tiny_size(tmp_path, mnist_root):
     assert all(row["steps"] > 0 and math.isfinite(row["fid"]) for row in results["fits"])
     assert all(math.isfinite(row["test_nll_nats"]) for row in results["fits"] if row["family"] != "gan")
     assert "| flow_matching | bf16-mixed |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_rgb_fits_script_fits_and_predicts_through_the_command_line(tmp_path):
+    """The RGB fit benchmark for one cheap family: 2 steps on a 40-image generated folder, the
+    table row written and the predict grid copied beside it, a real image with varying pixels."""
+    import numpy as np
+    from PIL import Image
+
+    spec = importlib.util.spec_from_file_location("loader_benchmark", REPO / "benchmarks" / "loader.py")
+    loader = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loader)
+    root = loader.make_folder(tmp_path / "images", 40)  # 32 train, 4 val, 4 test images
+    output = tmp_path / "results" / "rgb_fits.md"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "rgb_fits.py"), "--families", "vae", "--steps", "2",
+         "--batch-size", "8", "--predict-samples", "4", "--root", str(root), "--scratch", str(tmp_path / "scratch"),
+         "--output", str(output)],
+        env={**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"},
+        capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in output.read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| family")]
+    assert len(rows) == 1
+    family, config, overrides, steps, batch, step_s, images_per_s, fit_s, samples, predict_s, grid = (
+        cell.strip() for cell in rows[0])
+    assert (family, config, steps, batch, samples) == ("vae", "`configs/vae_cifar10.yaml`", "2", "8", "4")
+    assert "--data.init_args.batch_size 8" in overrides
+    assert float(step_s.split()[0]) > 0 and float(images_per_s) > 0 and float(fit_s) > 0
+    assert all(float(part) > 0 for part in predict_s.split("/"))
+    assert grid == "[png](rgb_fits_vae.png)"
+    with Image.open(tmp_path / "results" / "rgb_fits_vae.png") as image:
+        image.verify()
+    with Image.open(tmp_path / "results" / "rgb_fits_vae.png") as image:
+        pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    tile = pixels[2:34, 2:34]  # the first sample (the grid pads with 2 white pixels)
+    assert tile.shape == (32, 32, 3) and tile.std() > 0
+    assert (tmp_path / "scratch" / "vae" / "checkpoints" / "last.ckpt").is_file()
