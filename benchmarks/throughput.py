@@ -65,7 +65,9 @@ FAMILIES = {
 }
 
 
-def build(family: str, size: str) -> L.LightningModule:
+def build(family: str, size: str, overrides: dict | None = None) -> L.LightningModule:
+    """The family's model of configs/*.yaml (``size="config"``) or with the small init_args of
+    ``FAMILIES`` laid over it (``"small"``); ``overrides`` (init_args) are laid over either."""
     config_name, small_args, _ = FAMILIES[family]
     model_config = yaml.safe_load((REPO / "configs" / config_name).read_text())["model"]
     module_name, class_name = model_config["class_path"].rsplit(".", 1)
@@ -73,6 +75,7 @@ def build(family: str, size: str) -> L.LightningModule:
     init_args = dict(model_config.get("init_args", {}))
     if size == "small":
         init_args.update(small_args)
+    init_args.update(overrides or {})
     # A constant learning rate: the plain loop has no Trainer to size a schedule with, and both
     # sides then do the same optimizer work.
     init_args.pop("lr_schedule", None)

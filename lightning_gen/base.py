@@ -20,7 +20,8 @@ The contract (see README "The contract"):
   ``{stage}/bpd``.
 - Metric names: ``train/loss``, ``val/loss``, ``val/nll``, ``val/bpd``, ``test/...``: the same in
   every family so dashboards line up. Training metrics reach the logger under these exact names
-  (per step) and as ``<name>_epoch`` (the epoch mean).
+  (per step, at Lightning's ``log_every_n_steps`` interval) and as ``<name>_epoch`` (the epoch
+  mean); see ``log_metric`` for what each step costs.
 
 The template every family fills in (as nflows' ``Transform`` or diffusers' schedulers do):
 - ``loss(batch, batch_idx, stage) -> (loss, metrics)``: the loss of one batch and the other
@@ -41,6 +42,7 @@ The template every family fills in (as nflows' ``Transform`` or diffusers' sched
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
@@ -54,6 +56,12 @@ from lightning_gen.metrics.likelihood import bits_per_dim
 from lightning_gen.nn.ema import ExponentialMovingAverage, select_network
 
 LR_SCHEDULES = ("constant", "cosine")
+#: Seconds between two updates of the training values shown in the progress bar (``prog_bar``
+#: metrics, the loss): about what an eye can follow, and what tqdm's own ``mininterval`` is.
+PROGRESS_BAR_INTERVAL_S = 0.1
+#: Training values (metrics, watched losses) kept before they are reduced: bounds the memory of a
+#: long interval between two logging steps.
+PENDING_VALUES = 1024
 # Keys this project adds to every checkpoint it writes.
 CLASS_KEY = "lightning_gen_class"
 RNG_KEY = "lightning_gen_rng_states"
@@ -69,6 +77,81 @@ class CheckpointMismatchError(ValueError):
 
 def class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def logger_writes_this_step(trainer: L.Trainer | None) -> bool:
+    """Whether Lightning writes the step values to the loggers after the current training batch
+    (its ``log_every_n_steps`` interval, a stop, ``fast_dev_run``): Lightning's own test
+    (``should_update_logs``), or True where a Lightning version lacks it."""
+    if trainer is None:
+        return True
+    try:
+        writes = trainer._logger_connector.should_update_logs
+    except AttributeError:
+        return True
+    return bool(writes) or bool(trainer.fast_dev_run)
+
+
+class StepLogging:
+    """What the current training batch logs (see ``GenerativeModule.log_metric``)."""
+
+    __slots__ = ("every_step", "in_batch", "late", "logged_names", "progress_bar", "progress_bar_time", "write")
+
+    def __init__(self) -> None:
+        self.every_step = False  # a callback monitors a training step value: log every step
+        self.in_batch = False  # between on_train_batch_start and on_train_batch_end
+        self.write = True  # Lightning writes the step values to the loggers after this batch
+        self.progress_bar = True  # the progress bar's values are due for an update
+        self.progress_bar_time = -math.inf  # when they were last logged (time.monotonic)
+        self.late = False  # a stop made this epoch log from on_train_batch_end (see there)
+        self.logged_names: set[str] = set()  # the metrics this batch logged
+
+
+class TrainingMetrics:
+    """The training metrics of one epoch, for their epoch means and last values.
+
+    ``add`` keeps each step's value (detached, on its device) and batch size; every
+    ``PENDING_VALUES`` values and at ``epoch_means`` the kept values of a metric are summed in one
+    operation, on the device. A step thus costs a list append per metric and no host sync, where
+    Lightning's ``on_epoch=True`` accumulation costs a ``self.log`` per metric and step. The mean
+    is weighted by batch size, as Lightning's is.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.pending: dict[str, dict[int, list[Tensor]]] = {}  # name -> batch size -> values
+        self.totals: dict[str, Tensor] = {}  # name -> sum of batch size * value
+        self.counts: dict[str, int] = {}  # name -> sum of batch sizes
+        self.latest: dict[str, tuple[Tensor, int | None, bool]] = {}  # name -> (value, batch size, prog_bar)
+        self.size = 0
+
+    def add(self, name: str, value: Tensor, batch_size: int | None, prog_bar: bool = False) -> None:
+        value = value.detach()
+        self.latest[name] = (value, batch_size, prog_bar)
+        self.pending.setdefault(name, {}).setdefault(1 if batch_size is None else int(batch_size), []).append(value)
+        self.size += 1
+        if self.size >= PENDING_VALUES:
+            self.reduce()
+
+    def reduce(self) -> None:
+        """Sum the kept values into the totals (on the device; no host sync)."""
+        for name, groups in self.pending.items():
+            for batch_size, values in groups.items():
+                stacked = torch.stack([value.reshape(()) for value in values])
+                if stacked.dtype != torch.float64:
+                    stacked = stacked.float()  # as Lightning accumulates: float32, or float64
+                total = stacked.sum() * batch_size
+                self.totals[name] = total if name not in self.totals else self.totals[name] + total
+                self.counts[name] = self.counts.get(name, 0) + batch_size * len(values)
+        self.pending = {}
+        self.size = 0
+
+    def epoch_means(self) -> dict[str, Tensor]:
+        """The batch-size-weighted mean of each metric over the values added since ``reset``."""
+        self.reduce()
+        return {name: total / self.counts[name] for name, total in self.totals.items()}
 
 
 class GenerativeModule(L.LightningModule):
@@ -128,6 +211,13 @@ class GenerativeModule(L.LightningModule):
         # The first training step whose loss was not finite (-1: none), kept on the device so that
         # watching the loss adds no host sync; read at the logging interval and before saving.
         self._first_nonfinite_step: Tensor | None = None
+        # (loss detached, global step) of the steps watched since the last check.
+        self._watched_losses: list[tuple[Tensor, int]] = []
+        # The epoch's training metrics (see log_metric) and this batch's logging decision.
+        # (A plain object, set once: nn.Module's __setattr__ would cost more than the rest of
+        # the per-step bookkeeping.)
+        self._training_metrics = TrainingMetrics()
+        self._logging = StepLogging()
         self._rng_states_to_restore: dict[str, Any] | None = None
         self._predict_seed = 0
 
@@ -223,7 +313,7 @@ class GenerativeModule(L.LightningModule):
             self.log_loss(stage, loss, batch_size)
         for name, value in metrics.items():
             if name == "nll":
-                self.log_likelihood_metrics(stage, value)
+                self.log_likelihood_metrics(stage, value, batch_size=batch_size)
             else:
                 self.log_metric(stage, name, value, batch_size=batch_size)
         return loss
@@ -231,6 +321,7 @@ class GenerativeModule(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         loss = self._step(batch, batch_idx, "train")
         self.watch_loss(loss)
+        self.log_step_metrics()
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor | None:
@@ -315,14 +406,34 @@ class GenerativeModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------ divergence
     def watch_loss(self, loss: Tensor) -> None:
-        """Remember the first training step whose loss is NaN or infinite (no host sync)."""
-        if self._first_nonfinite_step is None or self._first_nonfinite_step.device != loss.device:
-            self._first_nonfinite_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+        """Remember a training loss and its step, to check it is finite at the next check (the
+        logging interval, the end of the epoch, before a checkpoint): nothing is computed per
+        step, and there is no host sync."""
+        value = loss.detach()
+        if value.numel() != 1:  # NaN and inf survive the maximum of the absolute values
+            value = value.float().abs().amax() if value.numel() else value.new_zeros((), dtype=torch.float)
+        self._watched_losses.append((value, self.global_step))
+        if len(self._watched_losses) >= PENDING_VALUES:
+            self.check_finite_training()  # one host sync in PENDING_VALUES steps, at most
+
+    def _reduce_watched_losses(self) -> None:
+        """Fold the watched losses into ``_first_nonfinite_step`` (on the device)."""
+        if not self._watched_losses:
+            return
+        watched = list(self._watched_losses)
+        self._watched_losses.clear()
+        values = torch.stack([value.reshape(()).float() for value, _ in watched])
+        finite = torch.isfinite(values)
+        steps = torch.tensor([step for _, step in watched], dtype=torch.long, device=values.device)
+        first_bad = torch.where(finite, torch.iinfo(torch.long).max, steps).min()
         first = self._first_nonfinite_step
-        first.masked_fill_(~torch.isfinite(loss.detach()).all() & (first < 0), self.global_step)
+        if first is None or first.device != values.device:
+            first = torch.full((), -1, dtype=torch.long, device=values.device)
+        self._first_nonfinite_step = torch.where((first < 0) & ~finite.all(), first_bad, first)
 
     def check_finite_training(self) -> None:
         """Raise DivergenceError when a training loss was not finite (one host sync)."""
+        self._reduce_watched_losses()
         if self._first_nonfinite_step is None:
             return
         step = int(self._first_nonfinite_step)
@@ -335,14 +446,42 @@ class GenerativeModule(L.LightningModule):
             "can hold NaN or inf, clean it. No checkpoint was saved after that step."
         )
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Which training values this batch logs (see log_metric): all of them when Lightning
+        # writes to the loggers after it, the progress bar's when it is due for an update.
+        logging = self._logging
+        now = time.monotonic()
+        logging.write = logging.every_step or logger_writes_this_step(self._trainer)
+        logging.progress_bar = logging.write or now - logging.progress_bar_time >= PROGRESS_BAR_INTERVAL_S
+        if logging.progress_bar:
+            logging.progress_bar_time = now
+        logging.in_batch = True
+        logging.logged_names.clear()
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        logging = self._logging
+        in_batch, logging.in_batch = logging.in_batch, False
+        # A stop decided after the training step (a Timer's max_time, in a callback's
+        # on_train_batch_end) makes Lightning write this step too: give it this step's values
+        # (from here on, as this hook's entries now take precedence).
+        if in_batch and self.trainer.should_stop and (not logging.write or logging.late) \
+                and logger_writes_this_step(self.trainer):
+            logging.late = True
+            for name, (value, batch_size, prog_bar) in self._training_metrics.latest.items():
+                self.log(f"train/{name}", value, on_step=True, on_epoch=False, prog_bar=prog_bar,
+                         batch_size=batch_size)
         # At the logging interval, where logging reads values from the device anyway.
         interval = max(int(getattr(self.trainer, "log_every_n_steps", 50) or 50), 1)
         if self.global_step % interval == 0:
             self.check_finite_training()
 
+    def on_train_epoch_start(self) -> None:
+        self._training_metrics.reset()
+        self._logging.late = False
+
     def on_train_epoch_end(self) -> None:
         self.check_finite_training()
+        self.log_training_epoch_metrics()
 
     def on_train_end(self) -> None:
         self.check_finite_training()
@@ -375,6 +514,13 @@ class GenerativeModule(L.LightningModule):
         self._rng_states_to_restore = checkpoint.get(RNG_KEY)
 
     def on_train_start(self) -> None:
+        self._training_metrics.reset()
+        self._logging = StepLogging()
+        # A callback that monitors a training step value (a ModelCheckpoint with monitor
+        # "train/loss" and every_n_train_steps) reads it after any step: log every step then.
+        self._logging.every_step = any(
+            isinstance(getattr(callback, "monitor", None), str) and callback.monitor.startswith("train/")
+            and not callback.monitor.endswith("_epoch") for callback in self.trainer.callbacks)
         states, self._rng_states_to_restore = self._rng_states_to_restore, None
         if states is not None and self.trainer.ckpt_path is not None:  # resuming a fit
             torch.set_rng_state(states["torch"])
@@ -388,23 +534,84 @@ class GenerativeModule(L.LightningModule):
 
         Training: the step value as ``train/{name}`` and the epoch mean as ``train/{name}_epoch``
         (Lightning's own ``on_step=True, on_epoch=True`` would rename the step value
-        ``train/{name}_step``, so no logger would see the contract's ``train/{name}``).
+        ``train/{name}_step``, so no logger would see the contract's ``train/{name}``). One
+        ``self.log`` costs about as much as all of Lightning's own work in a bare training step
+        (benchmarks/results/throughput.md, "Fixed cost per step"), so a step logs only what is
+        read:
+
+        - the step values on the steps after which Lightning writes to the loggers (every
+          ``log_every_n_steps``, at a stop, every step under ``fast_dev_run``), with the last
+          value of a metric the step did not compute (``log_step_metrics``): the loggers get the
+          values they got when every step logged; ``trainer.callback_metrics`` holds the values
+          of the last such step, and, after the epoch, of the last step (given to
+          ``callback_metrics`` only, not to the loggers);
+        - the progress bar's values (``prog_bar``: the loss) also whenever the bar is due for an
+          update (``PROGRESS_BAR_INTERVAL_S``);
+        - every step value on every step when a callback monitors one (``monitor`` naming a
+          ``train/`` value that is not an ``_epoch`` mean), so it never reads a stale one;
+        - the epoch mean (weighted by ``batch_size``) is summed on the device, without a host
+          sync, and logged once, at the end of the epoch (``on_train_epoch_end``).
+
         Validation and test: the epoch mean, synced over the ranks.
         """
         key = f"{stage}/{name}"
-        if stage == "train":
-            self.log(key, value, on_step=True, on_epoch=False, prog_bar=prog_bar,
-                     batch_size=batch_size)
-            self.log(f"{key}_epoch", value, on_step=False, on_epoch=True, batch_size=batch_size)
-        else:
-            self.log(key, value, on_epoch=True, prog_bar=prog_bar, sync_dist=True,
-                     batch_size=batch_size)
+        if stage != "train" or self._trainer is None:
+            if stage == "train":  # outside a fit: a no-op that warns, as self.log is
+                self.log(key, value, on_step=True, on_epoch=False, prog_bar=prog_bar, batch_size=batch_size)
+            else:
+                self.log(key, value, on_epoch=True, prog_bar=prog_bar, sync_dist=True,
+                         batch_size=batch_size)
+            return
+        if not isinstance(value, Tensor):
+            value = torch.tensor(float(value))
+        self._training_metrics.add(name, value, batch_size, prog_bar)
+        if self._logs_step_value(prog_bar):
+            self._logging.logged_names.add(name)
+            self.log(key, value, on_step=True, on_epoch=False, prog_bar=prog_bar, batch_size=batch_size)
 
-    def log_likelihood_metrics(self, stage: str, nll: Tensor) -> None:
-        """Log the mean negative log-likelihood (nats per example) and bits/dim of a batch."""
+    def _logs_step_value(self, prog_bar: bool) -> bool:
+        """Whether this training batch logs a step value (see log_metric); True outside the
+        batch hooks (every value is then logged as it comes)."""
+        logging = self._logging
+        return not logging.in_batch or logging.write or (prog_bar and logging.progress_bar)
+
+    def log_step_metrics(self) -> None:
+        """At the end of a training step that logs (see log_metric), log the last value of each
+        training metric the step did not log itself (the GAN's generator loss in a batch without
+        a generator step), as Lightning, which keeps a logged value until it is logged again,
+        wrote them. The base class's ``training_step`` calls it; a ``training_step`` of a family's
+        own calls it last."""
+        logged = self._logging.logged_names
+        if not self._logging.in_batch:
+            return
+        for name, (value, batch_size, prog_bar) in self._training_metrics.latest.items():
+            if name not in logged and self._logs_step_value(prog_bar):
+                logged.add(name)
+                self.log(f"train/{name}", value, on_step=True, on_epoch=False, prog_bar=prog_bar,
+                         batch_size=batch_size)
+
+    def log_training_epoch_metrics(self) -> None:
+        """Log the epoch means of the training metrics as ``train/{name}_epoch``, and give
+        ``trainer.callback_metrics`` (not the loggers) the last step's values; called at the end
+        of each training epoch."""
+        metrics = self._training_metrics
+        for name, mean in metrics.epoch_means().items():
+            self.log(f"train/{name}_epoch", mean, on_step=False, on_epoch=True, batch_size=1)
+        for name, (value, batch_size, _) in metrics.latest.items():
+            self.log(f"train/{name}", value, on_step=False, on_epoch=True, logger=False,
+                     batch_size=batch_size)
+        metrics.reset()
+
+    def log_likelihood_metrics(self, stage: str, nll: Tensor, batch_size: int | None = None) -> None:
+        """Log the mean negative log-likelihood (nats per example) and bits/dim of a batch
+        (``batch_size`` weights the training epoch means; by default the length of ``nll``)."""
+        if stage == "train" and batch_size is None:
+            batch_size = len(nll) if nll.dim() else None
         nll = nll.mean()
-        self.log_metric(stage, "nll", nll, batch_size=None)
-        self.log_metric(stage, "bpd", bits_per_dim(nll, self.num_dims))
+        if stage != "train":
+            batch_size = None  # Lightning takes it from the batch, as it always has
+        self.log_metric(stage, "nll", nll, batch_size=batch_size)
+        self.log_metric(stage, "bpd", bits_per_dim(nll, self.num_dims), batch_size=batch_size)
 
     def log_loss(self, stage: str, loss: Tensor, batch_size: int) -> None:
         """``{stage}/loss`` (see ``log_metric``), shown in the progress bar when training and

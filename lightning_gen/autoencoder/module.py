@@ -118,6 +118,7 @@ class Autoencoder(GenerativeModule):
         self._code_outer_sum += z.T @ z
 
     def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
         self._code_count.zero_()
         self._code_sum.zero_()
         self._code_outer_sum.zero_()

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
+from lightning_gen.callbacks.hooks import StepFreeCallback
 from lightning_gen.callbacks.media import figure_to_image, image_grid, log_image
 
 
@@ -57,7 +57,7 @@ def latent_map_image(model, x: Tensor, y: Tensor, grid_size: int = 15) -> Tensor
     return figure_to_image(figure)
 
 
-class LatentInterpolation(Callback):
+class LatentInterpolation(StepFreeCallback):
     """After validation, log interpolations between pairs of validation examples (images), and a
     map of the latent space when it is 2-D.
 

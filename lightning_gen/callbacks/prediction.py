@@ -7,10 +7,10 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torchvision.utils import save_image
 
+from lightning_gen.callbacks.hooks import StepFreeCallback
 from lightning_gen.callbacks.media import image_grid, scatter_image, to_uint8_images
 
 
@@ -86,7 +86,7 @@ def order_by_index(shards: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Ten
     return samples[order]
 
 
-class PredictionWriter(Callback):
+class PredictionWriter(StepFreeCallback):
     """Gather the samples of every rank after ``predict`` and write them (see ``write_samples``).
 
     Each predict batch's samples are kept with the global indices of its examples: the batch's

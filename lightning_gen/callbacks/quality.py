@@ -24,12 +24,12 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from tqdm import tqdm
 
 from lightning_gen.base import GenerativeModule
+from lightning_gen.callbacks.hooks import StepFreeCallback
 from lightning_gen.metrics.fid import (
     INCEPTION, extract_features, load_feature_network, make_fid_kid, real_features,
 )
@@ -85,7 +85,7 @@ def _check_common(num_samples: int, batch_size: int, every_n_epochs: int) -> Non
         raise ValueError(f"every_n_epochs must be >= 0 (0 = never at validation), got {every_n_epochs}")
 
 
-class ImageQualityMetrics(Callback):
+class ImageQualityMetrics(StepFreeCallback):
     """FID and KID of ``num_samples`` generated images against the test images of the data the
     model was trained on (the Trainer's data module's ``test_dataloader``).
 
@@ -283,7 +283,7 @@ class ImageQualityMetrics(Callback):
             self._run(trainer, pl_module, "test")
 
 
-class SampleDistanceMetrics(Callback):
+class SampleDistanceMetrics(StepFreeCallback):
     """MMD (Gaussian kernel) and sliced Wasserstein-2 between samples and held-out 2-D points.
 
     The held-out points are the validation (or test) batches the trainer runs, up to

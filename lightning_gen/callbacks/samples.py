@@ -6,12 +6,12 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 
+from lightning_gen.callbacks.hooks import StepFreeCallback
 from lightning_gen.callbacks.media import log_image, samples_image
 
 
-class SampleLogger(Callback):
+class SampleLogger(StepFreeCallback):
     """After validation, draw ``num_samples`` samples and log a grid (images) or a scatter plot.
 
     Samples are drawn on rank zero under a fixed seed that leaves the training RNG untouched, so the

@@ -20,8 +20,10 @@ import torch
 from torch import nn
 from torchmetrics import Metric
 
+from lightning_gen.callbacks.hooks import StepFreeCallback
 
-class SpeedOptions(L.Callback):
+
+class SpeedOptions(StepFreeCallback):
     """Compile the networks (the LightningModule's direct child modules with parameters) and/or
     store their convolution weights channels_last, when a fit, validation, test or prediction
     starts.

@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lightning_gen.callbacks.hooks import StepFreeCallback
 
-class CheckpointOnTerminate(Callback):
+
+class CheckpointOnTerminate(StepFreeCallback):
     """When a fit is stopped by SIGTERM, save ``last.ckpt`` into the folder of every
     ModelCheckpoint that keeps one (``save_last``), so ``fit --ckpt_path last`` resumes it.
 

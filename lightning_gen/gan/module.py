@@ -29,9 +29,10 @@ Metrics (the same names as every family where they mean the same thing):
 
 Distributed training: Lightning wraps the whole module in DDP, and DDP (with
 find_unused_parameters=False, the default) expects every backward to reach every parameter. A D
-step's loss never touches G (the fake batch is drawn without a graph), so it adds
-``zero_gradient_term(G's parameters)`` (0 * their sum), which gives G a zero gradient at no cost; the G step's loss reaches D
-through D(G(z)). This is also why the steps do not use ``toggle_optimizer``: it turns off
+step's loss never touches G (the fake batch is drawn without a graph), so, when the run has more
+than one process, it adds ``zero_gradient_term(G's parameters)`` (0 * their sum), which gives G a
+zero gradient and changes no update (two small operations per parameter, left out of
+single-process steps); the G step's loss reaches D through D(G(z)). This is also why the steps do not use ``toggle_optimizer``: it turns off
 ``requires_grad`` on the other network, whose parameters then never report a gradient, and
 2-process DDP fails with "Expected to have finished reduction in the prior iteration" (Lightning
 issues #20328, #20866). Each optimizer zeroes its own gradients before its backward, so the
@@ -186,8 +187,9 @@ class GAN(GenerativeModule):
             real = real.detach().requires_grad_(True)
         real_scores = self.discriminator(real, y)  # (B,)
         fake_scores = self.discriminator(fake, y)  # (B,)
-        adversarial = discriminator_loss(self.adversarial_loss, real_scores, fake_scores)
-        loss = adversarial + zero_gradient_term(self.generator.parameters())
+        loss = discriminator_loss(self.adversarial_loss, real_scores, fake_scores)
+        if self._trainer is not None and self.trainer.world_size > 1:  # for DDP: see the module docstring
+            loss = loss + zero_gradient_term(self.generator.parameters())
         logs = {"d_real": self.score_summary(real_scores), "d_fake": self.score_summary(fake_scores)}
         if self.gradient_penalty_weight > 0:
             penalty = gradient_penalty(lambda x_hat: self.discriminator(x_hat, y), interpolate(real, fake))
@@ -259,6 +261,7 @@ class GAN(GenerativeModule):
             self.update_average()
             self.log_metric("train", "g_loss", g_loss, batch_size=len(x))
             self.log_loss("train", g_loss.detach(), len(x))
+        self.log_step_metrics()
 
     def learning_rate_schedulers(self) -> tuple:
         """(generator's, discriminator's) schedulers, or (None, None); stepped by hand, as manual
