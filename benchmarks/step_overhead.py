@@ -1,7 +1,7 @@
 """The fixed cost of a training step under the Trainer, per family, beside a bare LightningModule.
 
 Each family's LightningModule is trained under the Trainer that ``cli.py fit`` builds (made by
-``lightning_gen.cli.main(..., run=False)``, so it has the CLI's five default callbacks and its
+``lightning_gen.cli.main(..., run=False)``, so it has the CLI's default callbacks and its
 config-saving callback, the Trainer's default progress bar, model summary and checkpointing, a
 ``CSVLogger`` and ``log_every_n_steps 50``; the progress bar writes to a null stream), and a plain
 PyTorch loop trains a copy of the same network (``throughput.plain_throughput``: same initial

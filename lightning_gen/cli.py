@@ -5,15 +5,16 @@
     python cli.py predict --config configs/vae_mnist.yaml --ckpt_path checkpoints/vae_mnist/last.ckpt
     python cli.py features fit --config configs/mnist_features.yaml   # the FID/KID feature network
 
-Every run has five callbacks whatever its config says: ``sample_logger`` (a sample grid or scatter
+Every run has six callbacks whatever its config says: ``sample_logger`` (a sample grid or scatter
 plot after validation, to whichever logger is set), ``prediction_writer`` (what ``predict``
 writes: one PNG per sample, grid.png and samples.pt), ``image_quality`` (FID/KID of image models,
 see lightning_gen.callbacks.ImageQualityMetrics), ``sample_distance`` (MMD and sliced
-Wasserstein of 2-D models) and ``checkpoint_on_terminate`` (last.ckpt on SIGTERM). The quality
-metrics run after ``test`` by default, so ``cli.py test`` reports
-every metric that applies to the model; ``--image_quality.every_n_epochs N`` adds them to
-validation. The model's ``data_shape`` is taken from the data module, so any image model runs on
-MNIST and any vector model on the toy data unchanged.
+Wasserstein of 2-D models), ``checkpoint_on_terminate`` (last.ckpt on SIGTERM) and
+``last_checkpoint`` (last.ckpt at the end of every fit, whether or not ``val/loss`` improved).
+The quality metrics run after ``test`` by default, so ``cli.py test`` reports every metric that
+applies to the model; ``--image_quality.every_n_epochs N`` adds them to validation. The model's
+``data_shape`` is taken from the data module, so any image model runs on MNIST and any vector
+model on the toy data unchanged.
 
 What the command line guarantees (a run does what its command says, or stops):
 - ``--ckpt_path`` must name a readable checkpoint of the class the config asks for; ``predict``
@@ -47,7 +48,8 @@ import lightning_gen  # noqa: F401  (registers the models for --model NAME)
 import lightning_gen.metrics  # noqa: F401  (registers MNISTClassifier)
 from lightning_gen.base import CLASS_KEY, GenerativeModule
 from lightning_gen.callbacks import (
-    CheckpointOnTerminate, ImageQualityMetrics, PredictionWriter, SampleDistanceMetrics, SampleLogger,
+    CheckpointOnTerminate, ImageQualityMetrics, LastCheckpointAtFitEnd, PredictionWriter, SampleDistanceMetrics,
+    SampleLogger,
 )
 
 # Exit status after SIGTERM: 128 + 15, as a shell reports a process the signal ended.
@@ -160,6 +162,7 @@ class GenerativeCLI(LightningCLI):
         parser.add_lightning_class_args(ImageQualityMetrics, "image_quality")
         parser.add_lightning_class_args(SampleDistanceMetrics, "sample_distance")
         parser.add_lightning_class_args(CheckpointOnTerminate, "checkpoint_on_terminate")
+        parser.add_lightning_class_args(LastCheckpointAtFitEnd, "last_checkpoint")
         # Sampling thousands of examples after every validation would slow every fit (PixelCNN and
         # diffusion sample step by step): by default the quality metrics run after test only.
         parser.set_defaults({"image_quality.every_n_epochs": 0, "sample_distance.every_n_epochs": 0})
@@ -169,6 +172,9 @@ class FeatureNetworkCLI(LightningCLI):
     """``cli.py features {fit,validate,test,predict} --config configs/mnist_features.yaml``: the
     classifier whose features FID/KID use. It is not a generative model, so it has its own command
     and the generative one can require GenerativeModule (whose contract its callbacks rely on)."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(LastCheckpointAtFitEnd, "last_checkpoint")
 
 
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:

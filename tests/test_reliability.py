@@ -156,6 +156,29 @@ def test_refitting_overwrites_last_ckpt(run_dir):
     assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 5
 
 
+def test_last_ckpt_is_the_end_of_the_fit_when_the_monitored_value_stopped_improving(run_dir):
+    """A ModelCheckpoint with a monitor (every config's) and save_last: last.ckpt holds the last
+    step even when the last validations did not improve the monitored value (Lightning 2.6 then
+    leaves last.ckpt at the best step), and the best checkpoint stays the best."""
+    config = (CONFIGS / "autoencoder_moons.yaml").read_text()
+    assert "        monitor: val/loss\n" in config
+    # "epoch" with mode min improves only at the first validation, whatever the losses do.
+    (run_dir / "config.yaml").write_text(config.replace(
+        "        monitor: val/loss\n", "        monitor: epoch\n        mode: min\n"))
+    run_cli("fit", "--config", str(run_dir / "config.yaml"), *QUICK, "--trainer.max_epochs", "3",
+            "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+            "--trainer.num_sanity_val_steps", "0")
+    folder = run_dir / "checkpoints" / "autoencoder_moons"
+    assert sorted(path.name for path in folder.glob("*.ckpt")) == ["epoch=0-step=2.ckpt", "last.ckpt"]
+    assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 6
+    # resuming from it continues after the last step (no step trained twice)
+    resumed = run_cli("fit", "--config", str(run_dir / "config.yaml"), *QUICK, "--trainer.max_epochs", "4",
+                      "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+                      "--trainer.num_sanity_val_steps", "0", "--ckpt_path", "last")
+    assert resumed.trainer.global_step == 8
+    assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 8
+
+
 # ------------------------------------------------------------------------------- 4. DDP predict
 @pytest.mark.slow
 @pytest.mark.parametrize("count, batch_size", [(11, 4), (101, 256)])

@@ -30,7 +30,8 @@ from cli_helpers import REPO
 from lightning_gen import GAN, VAE, Diffusion, RealNVP
 from lightning_gen.base import DivergenceError
 from lightning_gen.callbacks import (
-    CheckpointOnTerminate, ImageQualityMetrics, PredictionWriter, SampleDistanceMetrics, SampleLogger,
+    CheckpointOnTerminate, ImageQualityMetrics, LastCheckpointAtFitEnd, PredictionWriter, SampleDistanceMetrics,
+    SampleLogger,
 )
 from lightning_gen.callbacks.hooks import TRAINING_STEP_HOOKS, StepFreeCallback
 from lightning_gen.nn import ExponentialMovingAverage
@@ -330,7 +331,7 @@ def test_ema_follows_the_network_after_it_moves_and_reloads(monkeypatch):
 # ------------------------------------------------------------------------------------ callbacks
 def test_the_cli_callbacks_are_not_called_at_each_step(tmp_path):
     for callback_class in (SampleLogger, PredictionWriter, ImageQualityMetrics, SampleDistanceMetrics,
-                           CheckpointOnTerminate):
+                           CheckpointOnTerminate, LastCheckpointAtFitEnd):
         assert issubclass(callback_class, StepFreeCallback)
         for hook in TRAINING_STEP_HOOKS:
             assert getattr(callback_class, hook) is None, (callback_class, hook)

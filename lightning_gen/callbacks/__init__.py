@@ -6,10 +6,10 @@ from lightning_gen.callbacks.prediction import PredictionWriter, write_samples
 from lightning_gen.callbacks.quality import ImageQualityMetrics, SampleDistanceMetrics
 from lightning_gen.callbacks.samples import SampleLogger
 from lightning_gen.callbacks.speed import SpeedOptions
-from lightning_gen.callbacks.termination import CheckpointOnTerminate
+from lightning_gen.callbacks.termination import CheckpointOnTerminate, LastCheckpointAtFitEnd
 
 __all__ = [
-    "CheckpointOnTerminate", "ImageQualityMetrics", "LatentInterpolation", "PredictionWriter", "SampleDistanceMetrics",
+    "CheckpointOnTerminate", "ImageQualityMetrics", "LastCheckpointAtFitEnd", "LatentInterpolation", "PredictionWriter", "SampleDistanceMetrics",
     "SampleLogger", "SpeedOptions", "image_grid", "interpolate",
     "log_image", "samples_image", "scatter_image", "write_samples",
 ]

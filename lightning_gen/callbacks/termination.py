@@ -1,4 +1,4 @@
-"""Save a resumable last.ckpt when a run is stopped by SIGTERM."""
+"""Keep ``last.ckpt`` the last state of a fit: when SIGTERM stops it, and when it ends."""
 
 from __future__ import annotations
 
@@ -10,6 +10,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_gen.callbacks.hooks import StepFreeCallback
+
+
+def last_checkpoint_paths(trainer: L.Trainer) -> list[tuple[ModelCheckpoint, Path]]:
+    """(callback, ``<dirpath>/last.ckpt``) of every ModelCheckpoint of the trainer that keeps a
+    last checkpoint (``save_last``)."""
+    return [(callback, Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}")
+            for callback in trainer.checkpoint_callbacks
+            if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath]
 
 
 class CheckpointOnTerminate(StepFreeCallback):
@@ -31,8 +39,41 @@ class CheckpointOnTerminate(StepFreeCallback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not self.enabled or not isinstance(exception, SIGTERMException) or not trainer.training:
             return
-        for callback in trainer.checkpoint_callbacks:
-            if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath:
-                path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
-                trainer.save_checkpoint(path)
-                rank_zero_info(f"SIGTERM: saved {path} at step {trainer.global_step}")
+        for _, path in last_checkpoint_paths(trainer):
+            trainer.save_checkpoint(path)
+            rank_zero_info(f"SIGTERM: saved {path} at step {trainer.global_step}")
+
+
+class LastCheckpointAtFitEnd(StepFreeCallback):
+    """When a fit ends (max_steps, max_epochs, max_time, early stopping), save ``last.ckpt`` into
+    the folder of every ModelCheckpoint that keeps one (``save_last``), unless it saved it at
+    this very step.
+
+    Why: Lightning 2.6's ModelCheckpoint with a ``monitor`` writes ``last.ckpt`` only when it
+    also writes a top-k checkpoint, that is when the monitored value improved. A fit whose
+    ``val/loss`` stopped improving (a GAN's, or any fit near its end) would leave ``last.ckpt``
+    at an older step, so that ``predict --ckpt_path .../last.ckpt`` sampled older weights and
+    ``fit --ckpt_path last`` trained those steps again. The best checkpoint
+    (``epoch=E-step=S.ckpt``) stays as the ModelCheckpoint chose it.
+
+    Args:
+        enabled: False turns the callback off (``last.ckpt`` as Lightning leaves it).
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        super().__init__()
+        self.enabled = enabled
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.enabled or trainer.fast_dev_run:
+            return
+        for callback, path in last_checkpoint_paths(trainer):
+            # Lightning's record of its own last save (read with a default: a private attribute).
+            if (getattr(callback, "_last_global_step_saved", None) == trainer.global_step
+                    and callback.last_model_path and Path(callback.last_model_path) == path):
+                continue
+            if trainer.is_global_zero and path.is_symlink():  # save_last="link": replace the link
+                path.unlink()
+            trainer.save_checkpoint(path)
+            callback.last_model_path = str(path)
+            rank_zero_info(f"saved {path} at step {trainer.global_step}, the end of the fit")
