@@ -149,3 +149,44 @@ def test_laptop_benchmark_refuses_an_unknown_preset(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "laptop.py"), "--families", "gan_cifar10"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "no preset configs/cpu/<name>.yaml for ['gan_cifar10']" in result.stderr
+
+
+def test_sampling_options_scores_each_option_set_of_a_checkpoint(classifier, mnist_root, tmp_path):
+    """benchmarks/sampling_options.py loads a fitted checkpoint once per option set and scores
+    predict's samples with those options: the averaged and the trained generator of a GAN draw
+    different samples, so their scores differ; an option the model does not have is refused."""
+    from lightning_gen import GAN
+
+    feature_network = tmp_path / "classifier.ckpt"
+    torch.save({"state_dict": classifier.state_dict(), "hyper_parameters": dict(classifier.hparams),
+                "pytorch-lightning_version": L.__version__}, feature_network)
+    model = GAN(network="dcgan", base_channels=8, ema_decay=0.5)
+    data = MNISTDataModule(batch_size=16, download=False)
+    trainer = L.Trainer(max_steps=6, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(model, datamodule=data)
+    checkpoint = tmp_path / "gan.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    output = tmp_path / "options.md"
+    script = [sys.executable, str(REPO / "benchmarks" / "sampling_options.py"), str(checkpoint),
+              "--feature-network", str(feature_network)]
+    result = subprocess.run(script + ["--samples", "64", "--option", "predict_use_ema=true",
+                                      "--option", "predict_use_ema=false", "--output", str(output)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in output.read_text().splitlines() if line.startswith("| predict_")]
+    assert [row[0].strip() for row in rows] == ["predict_use_ema=True", "predict_use_ema=False"]
+    scores = [(float(row[1]), float(row[2])) for row in rows]
+    assert all(0.1 <= confidence <= 1 and 0 <= entropy <= math.log(10) + 1e-6 for confidence, entropy in scores)
+    # the option reaches the samples (scores of a six-step GAN may coincide; its samples may not)
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import sampling_options
+
+    cls = sampling_options.model_class(checkpoint)
+    samples = [sampling_options.draw(cls.load_from_checkpoint(checkpoint, map_location="cpu", **options).eval(), 16)
+               for options in (sampling_options.parse_option_set(f"predict_use_ema={value}", cls.EVALUATION_OPTIONS)
+                               for value in ("true", "false"))]
+    assert cls is GAN and samples[0].shape == (16, 1, 28, 28) and not torch.equal(samples[0], samples[1])
+    refused = subprocess.run(script + ["--option", "predict_temperature=0.5"], capture_output=True, text=True,
+                             timeout=300)
+    assert refused.returncode == 2 and "'predict_temperature=0.5' is not name=value with a name in" in refused.stderr

@@ -1,0 +1,118 @@
+"""Score sampling options of one MNIST checkpoint: which ``predict_*`` settings draw the most
+recognisable digits from weights that are already trained (no training here).
+
+Each ``--option`` is one set of the model's evaluation options (its ``EVALUATION_OPTIONS``, as
+``name=value`` separated by spaces; an empty string: the model's defaults). For each set the
+checkpoint is loaded with those values, ``--samples`` samples are drawn with the options
+``predict`` uses (``predict_options``), under seed 0, and scored with the MNIST classifier
+(``lightning_gen.metrics.digit_scores``: confidence = mean maximum softmax, label entropy of the
+predicted-label histogram; real test digits: 0.99 and 2.29):
+
+    python benchmarks/sampling_options.py benchmarks/runs/laptop/flow_matching_mnist/checkpoints/cpu/flow_matching_mnist/last.ckpt \\
+        --samples 500 --option "predict_sampler=heun predict_steps=10" --option "predict_sampler=heun predict_steps=25"
+
+Prints a markdown table (and appends it to ``--output`` if given). The feature network defaults
+to $LIGHTNING_GEN_FEATURE_NETWORK or checkpoints/mnist_features/last.ckpt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from lightning_gen.base import CLASS_KEY  # noqa: E402
+from lightning_gen.metrics import digit_scores, load_mnist_classifier  # noqa: E402
+
+BATCH = 250
+
+
+def parse_option_set(text: str, allowed: tuple[str, ...]) -> dict:
+    """``"a=1 b=heun"`` -> ``{"a": 1, "b": "heun"}`` (values read as YAML scalars)."""
+    options = {}
+    for item in text.split():
+        name, equals, value = item.partition("=")
+        if not equals or name not in allowed:
+            raise ValueError(f"--option {text!r}: {item!r} is not name=value with a name in {allowed}")
+        options[name] = yaml.safe_load(value)
+    return options
+
+
+def model_class(checkpoint: Path):
+    """The GenerativeModule class a checkpoint of this project was saved from."""
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True).get(CLASS_KEY)
+    if not saved:
+        raise ValueError(f"{checkpoint} is not a checkpoint of a lightning_gen model (no {CLASS_KEY})")
+    module, _, name = saved.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+@torch.no_grad()
+def draw(model, num_samples: int) -> torch.Tensor:
+    """``num_samples`` samples with predict's options, in [0, 1], under seed 0."""
+    torch.manual_seed(0)
+    options = model.predict_options()
+    batches = [model.sample(min(BATCH, num_samples - start), **options) for start in range(0, num_samples, BATCH)]
+    return torch.cat(batches).float().clamp(0, 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--option", action="append", default=None,
+                        help='one set of evaluation options, e.g. "predict_steps=25" (repeatable)')
+    parser.add_argument("--samples", type=int, default=500)
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument("--feature-network", default=None)
+    parser.add_argument("--output", type=Path, default=None, help="append the table to this file")
+    args = parser.parse_args(argv)
+    if args.samples < 2:
+        parser.error("--samples must be >= 2")
+    if not args.checkpoint.is_file():
+        parser.error(f"no checkpoint at {args.checkpoint}")
+    from lightning_gen.callbacks.quality import default_feature_network
+
+    feature_network = args.feature_network or default_feature_network()
+    if not feature_network or not Path(feature_network).is_file():
+        parser.error(f"no MNIST feature network at {feature_network}: train it with "
+                     "python cli.py features fit --config configs/mnist_features.yaml, or pass --feature-network")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cls = model_class(args.checkpoint)
+    try:
+        option_sets = [parse_option_set(text, cls.EVALUATION_OPTIONS) for text in args.option or [""]]
+    except ValueError as error:
+        parser.error(str(error))
+    scorer = load_mnist_classifier(feature_network)
+    lines = [f"`{args.checkpoint}` ({cls.__name__}), {args.samples} samples, seed 0:", "",
+             "| options | confidence | label entropy | seconds |", "|---|---:|---:|---:|"]
+    for options in option_sets:
+        model = cls.load_from_checkpoint(args.checkpoint, map_location="cpu", **options).eval()
+        start = time.perf_counter()
+        images = draw(model, args.samples)
+        seconds = time.perf_counter() - start
+        if tuple(images.shape[1:]) != (1, 28, 28):
+            parser.error(f"{cls.__name__} draws {tuple(images.shape[1:])}, not MNIST digits (1, 28, 28)")
+        scores = digit_scores(images, scorer)
+        described = " ".join(f"{name}={value}" for name, value in options.items()) or "(defaults)"
+        entropy = scores.label_entropy + 0.0  # -0.0 (one label) shown as 0.000
+        lines.append(f"| {described} | {scores.confidence:.3f} | {entropy:.3f} | {seconds:.0f} |")
+        print(lines[-1], flush=True)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.output is not None:
+        with args.output.open("a") as handle:
+            handle.write("\n" + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
