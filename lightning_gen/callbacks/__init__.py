@@ -9,7 +9,7 @@ from lightning_gen.callbacks.speed import SpeedOptions
 from lightning_gen.callbacks.termination import CheckpointOnTerminate, LastCheckpointAtFitEnd
 
 __all__ = [
-    "CheckpointOnTerminate", "ImageQualityMetrics", "LastCheckpointAtFitEnd", "LatentInterpolation", "PredictionWriter", "SampleDistanceMetrics",
-    "SampleLogger", "SpeedOptions", "image_grid", "interpolate",
+    "CheckpointOnTerminate", "ImageQualityMetrics", "LastCheckpointAtFitEnd", "LatentInterpolation",
+    "PredictionWriter", "SampleDistanceMetrics", "SampleLogger", "SpeedOptions", "image_grid", "interpolate",
     "log_image", "samples_image", "scatter_image", "write_samples",
 ]
