@@ -57,7 +57,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import FAMILIES, StepTimer, build, device_batches, plain_throughput
+from throughput import FAMILIES, StepTimer, build, check_counts_and_threads, device_batches, plain_throughput
 
 from datamodules import MNISTDataModule
 from lightning_gen.base import adamw
@@ -365,11 +365,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=None, help="append the table to this file")
     parser.add_argument("--json", type=Path, default=None, help="write the rows as JSON here")
     args = parser.parse_args()
-    for name in ("batch_size", "steps", "warmup_steps", "repeats", "log_every_n_steps"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    check_counts_and_threads(parser, args, ("batch_size", "steps", "warmup_steps", "repeats", "log_every_n_steps"))
     # Lightning's start-up messages and the CLI's warning about sys.argv (this script's own
     # arguments) would repeat for every run.
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)

@@ -129,6 +129,17 @@ def speed_options(args) -> SpeedOptions:
     return SpeedOptions(compile=args.compile, channels_last=args.channels_last)
 
 
+def check_counts_and_threads(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                             counts: tuple[str, ...]) -> None:
+    """Stop with a usage error when a count option is below 1; apply ``--threads`` (0: torch's
+    default)."""
+    for name in counts:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
 def plain_throughput(model, images, labels, args, device) -> float:
     model = model.to(device).train()
     speed_options(args).setup(None, model, "fit")
@@ -198,11 +209,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--output", type=Path, default=None, help="append the table to this file")
     args = parser.parse_args()
-    for name in ("batch_size", "steps", "warmup_steps", "sample_count", "repeats"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    check_counts_and_threads(parser, args, ("batch_size", "steps", "warmup_steps", "sample_count", "repeats"))
     device = torch.device(args.device)
 
     data = MNISTDataModule(download=True)
