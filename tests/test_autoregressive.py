@@ -229,6 +229,35 @@ def test_cached_logits_equal_full_forward():
         network(x, cache=cache)
 
 
+@pytest.mark.parametrize("gated,channels,first_kernel_size,kernel_size",
+                         [(True, 1, 7, 3), (True, 3, 5, 5), (False, 1, 7, 3), (False, 3, 3, 5)])
+def test_pixelcnn_samples_from_its_receptive_field_rows_with_the_whole_image_logits(
+        gated, channels, first_kernel_size, kernel_size):
+    """Sampling runs the network on the rows of a value's receptive field only (network.rows_above
+    above it): that field is exactly as tall as said, and its logits are the whole image's."""
+    options = dict(gated=gated, num_levels=4, first_kernel_size=first_kernel_size, kernel_size=kernel_size)
+    rows_above = first_kernel_size // 2 + (2 if gated else 3) * (kernel_size // 2)  # three layers
+    shape = (channels, rows_above + 4, 5)
+    torch.manual_seed(0)
+    model = tiny_pixelcnn(shape, **options).eval()
+    assert model.network.rows_above == rows_above
+    C, H, W = shape
+    # the receptive field's height, from the Jacobian: the farthest row above a value it depends on
+    jacobian = raster_jacobian(model, shape)  # (value, input value)
+    rows = torch.arange(C * H * W) // (W * C)
+    depends = jacobian.abs() > 0
+    reach = [int((rows[i] - rows[depends[i]]).max()) for i in range(len(rows)) if depends[i].any()]
+    assert max(reach) == rows_above
+    # in float64, so that the far rows' small contributions stand out of the rounding
+    model, images = model.double(), torch.randint(4, (2, *shape)).double() / 3
+    with torch.no_grad():
+        full = model(images)  # (B, K, C, H, W)
+        for position in range(C * H * W):
+            row, column, channel = position // (W * C), (position // C) % W, position % C
+            torch.testing.assert_close(model.next_logits(images, position, None, None),
+                                       full[:, :, channel, row, column], atol=1e-12, rtol=1e-12)
+
+
 @pytest.mark.parametrize("name", sorted(BUILDERS))
 def test_complete_keeps_given_values(name):
     torch.manual_seed(0)

@@ -274,8 +274,9 @@ class PixelCNN(AutoregressiveModule):
         options: as keywords, AutoregressiveModule's (num_levels, num_classes: a learned bias
             per layer, predict_*) and GenerativeModule's optimizer options.
 
-    Sampling runs the network once per value, each time on the rows up to the current one only
-    (the logits of row i do not depend on the rows below, masks and zero padding included).
+    Sampling runs the network once per value, each time on the rows of that value's receptive
+    field only: none below it (masks) and ``network.rows_above`` above it (no stack of the
+    network's layers reaches further up), so the logits are those of the whole image.
     """
 
     def __init__(
@@ -311,8 +312,9 @@ class PixelCNN(AutoregressiveModule):
     def next_logits(self, images: Tensor, position: int, y: Tensor | None, state: Any) -> Tensor:
         C, H, W = self.data_shape
         row, column, channel = position // (W * C), (position // C) % W, position % C
-        logits = self(images[:, :, : row + 1], y)  # (B, K, C, row + 1, W)
-        return logits[:, :, channel, row, column]
+        top = max(row - self.network.rows_above, 0)
+        logits = self(images[:, :, top: row + 1], y)  # (B, K, C, row + 1 - top, W)
+        return logits[:, :, channel, row - top, column]
 
 
 class PixelTransformer(AutoregressiveModule):

@@ -221,6 +221,11 @@ class PixelCNNNet(nn.Module):
             nn.ReLU(), MaskedConv2d(features, head_channels, 1, "B", C),
             nn.ReLU(), MaskedConv2d(head_channels, num_levels * C, 1, "B", C),
         )
+        # How many rows above a pixel its logits can depend on (the receptive field's height
+        # above it): the first layer reaches first_kernel_size // 2 rows up, every later k x k
+        # layer k // 2 more (the 1 x k horizontal stack and the 1x1 layers none).
+        later_layers = num_layers - 1 if gated else num_layers
+        self.rows_above = first_kernel_size // 2 + later_layers * (kernel_size // 2)
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         # x: (B, C, H, W) in [-1, 1]; y: (B,) labels or None
