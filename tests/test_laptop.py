@@ -98,6 +98,21 @@ def test_digit_scores_are_low_on_non_digits(classifier, test_digits):
     assert digit_scores(blurred, classifier.network).confidence < real.confidence - 0.1
 
 
+def test_label_agreement_says_whether_conditional_samples_are_the_digits_asked_for(classifier, test_digits):
+    images, labels = test_digits
+    assert digit_scores(images, classifier.network).label_agreement is None  # no labels given
+    asked = digit_scores(images, classifier.network, labels=labels)
+    assert asked.label_agreement >= 0.97
+    # the same images drawn "for" other digits: the model ignored its labels
+    shuffled = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))]
+    assert digit_scores(images, classifier.network, labels=shuffled).label_agreement < 0.2
+    # confidence and entropy do not depend on the labels
+    assert (asked.confidence, asked.label_entropy) == (digit_scores(images, classifier.network).confidence,
+                                                       digit_scores(images, classifier.network).label_entropy)
+    with pytest.raises(ValueError, match="one label per image"):
+        digit_scores(images, classifier.network, labels=labels[:10])
+
+
 def test_label_entropy_of_a_uniform_histogram_is_log_ten(classifier, test_digits):
     images, labels = test_digits
     predicted = classifier.network(images.float() / 255).argmax(1)
@@ -133,8 +148,10 @@ def test_laptop_benchmark_fits_predicts_and_scores_a_preset(classifier, mnist_ro
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in output.read_text().splitlines() if line.startswith("| vae_mnist")]
     assert len(rows) == 1
-    family, steps, fit_minutes, predict_seconds, confidence, entropy, fid, met, load = (c.strip() for c in rows[0])
+    family, steps, fit_minutes, predict_seconds, confidence, entropy, agreement, fid, met, load = (
+        c.strip() for c in rows[0])
     assert int(steps) >= 1 and 0 < float(fit_minutes) < 3 and float(predict_seconds) > 0
+    assert agreement == "-"  # an unconditional preset: no labels to agree with
     assert 0.1 <= float(confidence) <= 1 and 0 <= float(entropy) <= math.log(10) + 1e-6
     assert float(fid) > 0 and met in ("yes", "no")
     assert "max_time overridden to 0.1 minutes" in output.read_text()

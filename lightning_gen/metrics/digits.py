@@ -10,6 +10,10 @@ reads off a grid. These two are:
 - ``label_entropy``: the entropy (nats) of the histogram of predicted labels. Ten equally
   frequent digits give log(10) = 2.303; a model that draws one digit gives 0. Confident samples
   of a collapsed model, and the noise above, fail here: both numbers are needed.
+- ``label_agreement`` (class-conditional samples, when their labels are given): the fraction of
+  samples the classifier reads as the digit they were drawn for. A conditional model's label
+  entropy is set by the labels it was asked for; agreement says whether it drew those digits
+  (real test digits with their own labels: 0.99; with shuffled labels: about 0.1).
 
 Both use the classifier FID uses (``MNISTClassifier`` checkpoint), so the numbers compare only
 with numbers of the same checkpoint.
@@ -31,6 +35,7 @@ class DigitScores:
     confidence: float
     label_entropy: float
     label_counts: tuple[int, ...]
+    label_agreement: float | None = None
 
     def recognisable(self, min_confidence: float = 0.9, min_label_entropy: float = 2.2) -> bool:
         return self.confidence >= min_confidence and self.label_entropy >= min_label_entropy
@@ -43,12 +48,16 @@ def load_mnist_classifier(checkpoint_path: str) -> MNISTFeatureNet:
 
 
 @torch.no_grad()
-def digit_scores(images: Tensor, classifier: MNISTFeatureNet, batch_size: int = 500) -> DigitScores:
-    """Score images (N, 1, 28, 28): float in [0, 1], or uint8 in 0..255 as ``predict`` saves them."""
+def digit_scores(images: Tensor, classifier: MNISTFeatureNet, batch_size: int = 500,
+                 labels: Tensor | None = None) -> DigitScores:
+    """Score images (N, 1, 28, 28): float in [0, 1], or uint8 in 0..255 as ``predict`` saves them.
+    ``labels`` (N,): the digits class-conditional samples were drawn for (adds ``label_agreement``)."""
     if images.dim() != 4 or tuple(images.shape[1:]) != (1, 28, 28):
         raise ValueError(f"expected MNIST-shaped images (N, 1, 28, 28), got {tuple(images.shape)}")
     if len(images) == 0:
         raise ValueError("no images to score")
+    if labels is not None and tuple(labels.shape) != (len(images),):
+        raise ValueError(f"expected one label per image ({len(images)},), got {tuple(labels.shape)}")
     if images.dtype == torch.uint8:
         images = images.float() / 255
     elif not images.is_floating_point():
@@ -63,8 +72,9 @@ def digit_scores(images: Tensor, classifier: MNISTFeatureNet, batch_size: int = 
         classifier(chunk.to(device)).float().softmax(dim=1).cpu()
         for chunk in images.split(batch_size)
     ])  # (N, 10)
-    confidence, labels = probabilities.max(dim=1)
-    counts = torch.bincount(labels, minlength=probabilities.shape[1])
-    frequencies = counts[counts > 0].double() / len(labels)
+    confidence, predicted = probabilities.max(dim=1)
+    counts = torch.bincount(predicted, minlength=probabilities.shape[1])
+    frequencies = counts[counts > 0].double() / len(predicted)
     entropy = float((frequencies * frequencies.log()).sum().neg().clamp(min=0))
-    return DigitScores(float(confidence.mean()), entropy, tuple(int(c) for c in counts))
+    agreement = None if labels is None else float((predicted == labels.cpu().long()).double().mean())
+    return DigitScores(float(confidence.mean()), entropy, tuple(int(c) for c in counts), agreement)
