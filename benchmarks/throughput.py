@@ -29,6 +29,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
 import lightning as L
 import torch
@@ -89,19 +90,21 @@ def synchronize(device: torch.device) -> None:
 
 
 class StepTimer(L.Callback):
-    """Wall time from the end of the warm-up steps to the end of the last training step."""
+    """Time from the end of the warm-up steps to the end of the last training step, by ``clock``
+    (wall time by default; ``time.process_time``: the CPU time of this process's threads)."""
 
-    def __init__(self, warmup_batches: int) -> None:
+    def __init__(self, warmup_batches: int, clock: Callable[[], float] = time.perf_counter) -> None:
         self.warmup_batches = warmup_batches
+        self.clock = clock
         self.start = self.end = None
         self.timed_batches = 0
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         synchronize(module.device)
         if batch_idx + 1 == self.warmup_batches:
-            self.start = time.perf_counter()
+            self.start = self.clock()
         elif batch_idx + 1 > self.warmup_batches:
-            self.end = time.perf_counter()
+            self.end = self.clock()
             self.timed_batches += 1
 
 
@@ -140,7 +143,8 @@ def check_counts_and_threads(parser: argparse.ArgumentParser, args: argparse.Nam
         torch.set_num_threads(args.threads)
 
 
-def plain_throughput(model, images, labels, args, device) -> float:
+def plain_throughput(model, images, labels, args, device, clock: Callable[[], float] = time.perf_counter) -> float:
+    """Training examples per second of ``clock`` (wall time by default) in a plain PyTorch loop."""
     model = model.to(device).train()
     speed_options(args).setup(None, model, "fit")
     loader = iter(device_batches(images, labels, args.batch_size, device))
@@ -175,11 +179,11 @@ def plain_throughput(model, images, labels, args, device) -> float:
     for _ in range(args.warmup_steps):
         step(next(loader))
     synchronize(device)
-    start = time.perf_counter()
+    start = clock()
     for _ in range(args.steps):
         step(next(loader))
     synchronize(device)
-    return args.steps * args.batch_size / (time.perf_counter() - start)
+    return args.steps * args.batch_size / (clock() - start)
 
 
 def sampling_throughput(model, family, args, device) -> float:
