@@ -27,10 +27,6 @@ module with GenerativeModule's per-step work switched off, ``without_project_ste
 without the CLI's callbacks), so that ``Trainer - Lightning alone`` is what the project's own
 per-step work costs this network. ``--count-calls`` counts Python calls per step (cProfile)
 instead of timing: the same comparison, unchanged by the load of a shared machine.
-``--clock cpu`` times by the CPU time of this process's threads (``time.process_time``) instead
-of the wall clock: other jobs on a shared machine delay a step's wall time but change its CPU time
-much less (threads that wait for a core use none; with OMP_WAIT_POLICY=PASSIVE idle OpenMP
-threads do not spin). With ``--threads 1`` it is the step's own compute and overhead.
 
 ``--size tiny`` shrinks ``throughput.py``'s small networks further (``TINY`` below); ``small`` and
 ``config`` are throughput.py's sizes. ``--json`` writes the rows for a program to read.
@@ -187,13 +183,10 @@ def lightning_trainer(root: Path, batches: int, log_every_n_steps: int) -> L.Tra
                      default_root_dir=str(root), logger=CSVLogger(str(root)))
 
 
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-
-
 def trainer_step_seconds(model, images, labels, args, device, make_trainer=cli_trainer) -> float:
     """Seconds per step of ``model`` under ``make_trainer``'s Trainer (default the CLI's), over
-    ``args.steps`` steps after ``args.warmup_steps``, by the ``args.clock`` clock."""
-    timer = StepTimer(args.warmup_steps, CLOCKS[args.clock])
+    ``args.steps`` steps after ``args.warmup_steps``."""
+    timer = StepTimer(args.warmup_steps)
     with tempfile.TemporaryDirectory() as root, open(os.devnull, "w") as null, \
             contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
         trainer = make_trainer(Path(root), args.warmup_steps + args.steps, args.log_every_n_steps)
@@ -205,7 +198,7 @@ def trainer_step_seconds(model, images, labels, args, device, make_trainer=cli_t
 def plain_step_seconds(model, images, labels, args, device) -> float:
     options = SimpleNamespace(batch_size=args.batch_size, steps=args.steps, warmup_steps=args.warmup_steps,
                               compile=False, channels_last=False, precision="32-true")
-    return args.batch_size / plain_throughput(model, images, labels, options, device, CLOCKS[args.clock])
+    return args.batch_size / plain_throughput(model, images, labels, options, device)
 
 
 # GenerativeModule's per-step work: logging, the divergence watch, the weight average (where a
@@ -369,9 +362,6 @@ def main() -> None:
     parser.add_argument("--attribution", action="store_true",
                         help="also time each family under Lightning alone (without_project_steps)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
-    parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
-                        help="wall: elapsed time; cpu: CPU time of this process's threads (what other "
-                             "jobs on a shared machine change least)")
     parser.add_argument("--output", type=Path, default=None, help="append the table to this file")
     parser.add_argument("--json", type=Path, default=None, help="write the rows as JSON here")
     args = parser.parse_args()
@@ -416,7 +406,7 @@ def main() -> None:
               + ")", flush=True)
     load = os.getloadavg()
     header = (f"\n{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.machine()} CPU, "
-              f"{torch.get_num_threads()} thread(s), {args.clock} clock, size {args.size}, batch {args.batch_size}, "
+              f"{torch.get_num_threads()} thread(s), size {args.size}, batch {args.batch_size}, "
               f"{args.steps} timed steps after {args.warmup_steps} warm-up, median of {args.repeats} "
               f"alternating Trainer/plain runs, log_every_n_steps {args.log_every_n_steps}, "
               f"{time.time() - started:.0f} s, load average at the end "

@@ -29,7 +29,6 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Callable
 
 import lightning as L
 import torch
@@ -90,21 +89,19 @@ def synchronize(device: torch.device) -> None:
 
 
 class StepTimer(L.Callback):
-    """Time from the end of the warm-up steps to the end of the last training step, by ``clock``
-    (wall time by default; ``time.process_time``: the CPU time of this process's threads)."""
+    """Wall time from the end of the warm-up steps to the end of the last training step."""
 
-    def __init__(self, warmup_batches: int, clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(self, warmup_batches: int) -> None:
         self.warmup_batches = warmup_batches
-        self.clock = clock
         self.start = self.end = None
         self.timed_batches = 0
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         synchronize(module.device)
         if batch_idx + 1 == self.warmup_batches:
-            self.start = self.clock()
+            self.start = time.perf_counter()
         elif batch_idx + 1 > self.warmup_batches:
-            self.end = self.clock()
+            self.end = time.perf_counter()
             self.timed_batches += 1
 
 
@@ -143,8 +140,7 @@ def check_counts_and_threads(parser: argparse.ArgumentParser, args: argparse.Nam
         torch.set_num_threads(args.threads)
 
 
-def plain_throughput(model, images, labels, args, device, clock: Callable[[], float] = time.perf_counter) -> float:
-    """Training examples per second of ``clock`` (wall time by default) in a plain PyTorch loop."""
+def plain_throughput(model, images, labels, args, device) -> float:
     model = model.to(device).train()
     speed_options(args).setup(None, model, "fit")
     loader = iter(device_batches(images, labels, args.batch_size, device))
@@ -179,11 +175,11 @@ def plain_throughput(model, images, labels, args, device, clock: Callable[[], fl
     for _ in range(args.warmup_steps):
         step(next(loader))
     synchronize(device)
-    start = clock()
+    start = time.perf_counter()
     for _ in range(args.steps):
         step(next(loader))
     synchronize(device)
-    return args.steps * args.batch_size / (clock() - start)
+    return args.steps * args.batch_size / (time.perf_counter() - start)
 
 
 def sampling_throughput(model, family, args, device) -> float:

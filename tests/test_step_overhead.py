@@ -104,19 +104,6 @@ def test_step_overhead_script_measures_every_family(tmp_path, mnist_root):
     assert "project additions µs" in table
 
 
-def test_step_overhead_script_times_by_cpu_time_when_asked(tmp_path, mnist_root):
-    output = tmp_path / "rows.json"
-    result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "step_overhead.py"), "--size", "tiny", "--batch-size", "2",
-         "--steps", "3", "--warmup-steps", "2", "--repeats", "1", "--threads", "1", "--no-bare",
-         "--families", "autoencoder", "--clock", "cpu", "--json", str(output)],
-        capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (row,) = json.loads(output.read_text())["rows"]
-    assert row["family"] == "autoencoder" and row["plain_us"] > 0 and row["trainer_us"] > 0
-    assert "1 thread(s), cpu clock" in result.stdout
-
-
 # -------------------------------------------------------------------------------------- logging
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_logger_rows_at_an_interval_are_those_of_logging_every_step(name, tmp_path):
