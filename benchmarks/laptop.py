@@ -18,7 +18,8 @@ classifier reads as the digit asked for), since its label entropy is that of the
 
 Writes ``--output`` (a markdown table: family, steps done, fit minutes, predict seconds,
 confidence, label entropy, label agreement, FID, load average) and ``laptop_<family>.png`` (the
-first 64 samples) beside it. Any failing command stops the run with its error (exit 1); nothing is skipped.
+first 64 samples) beside it. Any failing command stops the run with its error (exit 1); nothing
+is skipped.
 
     python benchmarks/laptop.py                                  # every preset, ~70 minutes
     python benchmarks/laptop.py --families gan_mnist --minutes 3 # a shorter trial (the table says so)
@@ -130,8 +131,9 @@ def table(rows: list[dict], args: argparse.Namespace, feature_network: str) -> l
         f"the MNIST classifier {feature_network}: confidence = mean max softmax (goal >= {MIN_CONFIDENCE}), "
         f"label entropy in nats (goal >= {MIN_LABEL_ENTROPY}; uniform 2.303); FID against the 10,000 "
         f"test digits (few samples bias FID upwards); label agreement (class-conditional presets): "
-        f"the fraction of samples the classifier reads as the digit they were drawn for. Fit minutes are the whole command (start-up, "
-        f"validation, checkpoints included); load = 1-minute load average before the fit; "
+        f"the fraction of samples the classifier reads as the digit they were drawn for. Fit minutes "
+        f"are the whole command (start-up, validation, checkpoints included); load = 1-minute load "
+        f"average before the fit; "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}.",
         "",
         f"    python benchmarks/laptop.py {' '.join(sys.argv[1:])}",
