@@ -120,13 +120,13 @@ def checkpoint_description(paths: dict[str, Path], models: dict[str, L.Lightning
 
 
 def mnist(args: argparse.Namespace) -> None:
-    from lightning_gen.callbacks.quality import default_feature_network
+    from lightning_gen.callbacks.quality import mnist_feature_network_file
     from lightning_gen.metrics import extract_features, fid_kid_from_features, load_feature_network, real_features
 
-    feature_network = args.feature_network or default_feature_network()
-    if not os.path.isfile(feature_network):
-        raise SystemExit(f"error: no MNIST feature network at {feature_network}: train it with "
-                         "python cli.py features fit --config configs/mnist_features.yaml")
+    try:
+        feature_network = mnist_feature_network_file(args.feature_network)
+    except FileNotFoundError as error:
+        raise SystemExit(f"error: {error}") from None
     if args.checkpoints:
         paths = dict(zip(("diffusion", "flow_matching"), map(Path, args.checkpoints)))
     else:

@@ -171,12 +171,12 @@ def main(argv: list[str] | None = None) -> int:
                      f"choose from {', '.join(FAMILIES)}")
     if args.num_samples < 2 or (args.minutes is not None and args.minutes <= 0):
         parser.error("--num-samples must be >= 2 and --minutes > 0")
-    from lightning_gen.callbacks.quality import default_feature_network
+    from lightning_gen.callbacks.quality import mnist_feature_network_file
 
-    feature_network = args.feature_network or default_feature_network()
-    if not feature_network or not Path(feature_network).is_file():
-        parser.error(f"no MNIST feature network at {feature_network}: train it with "
-                     "python cli.py features fit --config configs/mnist_features.yaml, or pass --feature-network")
+    try:
+        feature_network = mnist_feature_network_file(args.feature_network)
+    except FileNotFoundError as error:
+        parser.error(str(error))
     scorer = load_mnist_classifier(feature_network)
     features = load_feature_network(feature_network)
     from datamodules import MNISTDataModule

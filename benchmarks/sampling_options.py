@@ -18,7 +18,6 @@ to $LIGHTNING_GEN_FEATURE_NETWORK or checkpoints/mnist_features/last.ckpt.
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lightning_gen.base import CLASS_KEY  # noqa: E402
+from lightning_gen.cli import checkpoint_class, read_checkpoint, resolve_class  # noqa: E402
 from lightning_gen.metrics import digit_scores, load_mnist_classifier  # noqa: E402
 
 BATCH = 250
@@ -48,11 +47,11 @@ def parse_option_set(text: str, allowed: tuple[str, ...]) -> dict:
 
 def model_class(checkpoint: Path):
     """The GenerativeModule class a checkpoint of this project was saved from."""
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=True).get(CLASS_KEY)
-    if not saved:
-        raise ValueError(f"{checkpoint} is not a checkpoint of a lightning_gen model (no {CLASS_KEY})")
-    module, _, name = saved.rpartition(".")
-    return getattr(importlib.import_module(module), name)
+    saved = checkpoint_class(read_checkpoint(checkpoint))
+    cls = resolve_class(saved) if saved else None
+    if cls is None:
+        raise ValueError(f"{checkpoint} is not a checkpoint of a lightning_gen model (class: {saved!r})")
+    return cls
 
 
 @torch.no_grad()
@@ -78,12 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--samples must be >= 2")
     if not args.checkpoint.is_file():
         parser.error(f"no checkpoint at {args.checkpoint}")
-    from lightning_gen.callbacks.quality import default_feature_network
+    from lightning_gen.callbacks.quality import mnist_feature_network_file
 
-    feature_network = args.feature_network or default_feature_network()
-    if not feature_network or not Path(feature_network).is_file():
-        parser.error(f"no MNIST feature network at {feature_network}: train it with "
-                     "python cli.py features fit --config configs/mnist_features.yaml, or pass --feature-network")
+    try:
+        feature_network = mnist_feature_network_file(args.feature_network)
+    except FileNotFoundError as error:
+        parser.error(str(error))
     if args.threads:
         torch.set_num_threads(args.threads)
     cls = model_class(args.checkpoint)

@@ -100,15 +100,15 @@ def test_digit_scores_are_low_on_non_digits(classifier, test_digits):
 
 def test_label_agreement_says_whether_conditional_samples_are_the_digits_asked_for(classifier, test_digits):
     images, labels = test_digits
-    assert digit_scores(images, classifier.network).label_agreement is None  # no labels given
     asked = digit_scores(images, classifier.network, labels=labels)
     assert asked.label_agreement >= 0.97
     # the same images drawn "for" other digits: the model ignored its labels
     shuffled = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))]
     assert digit_scores(images, classifier.network, labels=shuffled).label_agreement < 0.2
     # confidence and entropy do not depend on the labels
-    assert (asked.confidence, asked.label_entropy) == (digit_scores(images, classifier.network).confidence,
-                                                       digit_scores(images, classifier.network).label_entropy)
+    unlabelled = digit_scores(images, classifier.network)
+    assert unlabelled.label_agreement is None  # no labels given
+    assert (asked.confidence, asked.label_entropy) == (unlabelled.confidence, unlabelled.label_entropy)
     with pytest.raises(ValueError, match="one label per image"):
         digit_scores(images, classifier.network, labels=labels[:10])
 

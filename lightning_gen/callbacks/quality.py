@@ -66,6 +66,16 @@ def default_feature_network() -> str:
     return os.environ.get(FEATURE_NETWORK_ENV) or DEFAULT_FEATURE_NETWORK
 
 
+def mnist_feature_network_file(given: str | None = None) -> str:
+    """The MNIST feature network checkpoint a script scores with: ``given``, else the default
+    (``default_feature_network``). FileNotFoundError, saying how to train one, when it is missing."""
+    path = given or default_feature_network()
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no MNIST feature network at {path}: train it with python cli.py features "
+                                "fit --config configs/mnist_features.yaml, or pass --feature-network")
+    return path
+
+
 def _is_image_model(pl_module: L.LightningModule) -> bool:
     """The contract these callbacks rely on: a GenerativeModule (``sample``, ``data_shape``) of
     images; any other LightningModule is left alone."""
