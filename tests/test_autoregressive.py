@@ -290,6 +290,24 @@ def test_binarization_is_dynamic_and_eight_bit_is_exact():
     assert torch.equal(eight_bit.quantize(levels.float() / 255), levels)
 
 
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_binarization_by_rounding_is_fixed_and_rounds_at_one_half(name):
+    model = BUILDERS[name]((1, 4, 4), dynamic_binarization=False).eval()
+    x = torch.rand(5, 1, 4, 4)
+    levels = model.quantize(x)
+    assert torch.equal(levels, (x > 0.5).long())
+    assert torch.equal(model.quantize(x), levels)  # the same every time the image is seen
+    # the likelihood of a grey image is that of its rounded image, the same on every call
+    log_prob = model.log_prob(x)
+    assert torch.equal(log_prob, model.log_prob(x))
+    torch.testing.assert_close(log_prob, model.log_prob(levels.float()))
+    dynamic = BUILDERS[name]((1, 4, 4))
+    assert not torch.equal(dynamic.quantize(x), dynamic.quantize(x))
+    assert model.hparams.dynamic_binarization is False  # saved: it defines the training data
+    with pytest.raises(ValueError, match="num_levels=2 only"):
+        BUILDERS[name]((1, 4, 4), num_levels=256, dynamic_binarization=False)
+
+
 # ------------------------------------------------------------------------------ conditioning
 @pytest.mark.parametrize("name", sorted(BUILDERS))
 def test_class_conditioning(name):

@@ -13,8 +13,11 @@ time, each from the logits computed from the values drawn before it.
 
 Quantization (each model does its own, so both train on MNISTDataModule as it is):
 K = 2 is dynamically binarized MNIST: each pixel is 1 with probability its intensity, redrawn
-every time an image is seen (binary images pass unchanged); K > 2 rounds: level = round(x (K-1)),
-so K = 256 gives the 8-bit images exactly. Images in data space are level / (K - 1) in [0, 1].
+every time an image is seen (binary images pass unchanged), as in the likelihood literature;
+K > 2 rounds: level = round(x (K-1)), so K = 256 gives the 8-bit images exactly. With
+``dynamic_binarization=False`` K = 2 rounds too (a pixel is 1 where its intensity is above 1/2):
+fixed images with clean strokes, whose likelihoods do not compare with the dynamically
+binarized ones of papers. Images in data space are level / (K - 1) in [0, 1].
 
 ``forward(x)`` takes images on that grid, x = level / (K - 1) (what ``quantize_images`` and
 ``sample`` return; for K = 256 MNIST as the data module yields it) and returns logits
@@ -45,7 +48,10 @@ class AutoregressiveModule(GenerativeModule):
 
     Args:
         data_shape: (C, H, W) of the images (linked from the data module).
-        num_levels: K, the number of levels per value (2: dynamically binarized; 256: 8-bit).
+        num_levels: K, the number of levels per value (2: binarized; 256: 8-bit).
+        dynamic_binarization: for K = 2, draw each pixel from Bernoulli(intensity) every time an
+            image is seen (True) or round it (False: a pixel is 1 where the intensity is above
+            1/2); only K = 2 binarizes.
         num_classes: number of labels for class conditioning; None for an unconditional model.
         predict_mode: what ``predict`` does with each test image: ``"sample"`` a new image (with
             the image's label if conditional) or ``"complete"`` keep its top
@@ -66,6 +72,7 @@ class AutoregressiveModule(GenerativeModule):
         data_shape: Sequence[int] = (1, 28, 28),
         *,
         num_levels: int = 2,
+        dynamic_binarization: bool = True,
         num_classes: int | None = None,
         predict_mode: str = "sample",
         predict_given_rows: int | None = None,
@@ -79,6 +86,9 @@ class AutoregressiveModule(GenerativeModule):
         if not isinstance(num_levels, int) or not 2 <= num_levels <= 65536:
             raise ValueError(f"num_levels must be an int in 2..65536 (2: binarized, 256: 8-bit), "
                              f"got {num_levels!r}")
+        if not dynamic_binarization and num_levels != 2:
+            raise ValueError(f"dynamic_binarization=False applies to num_levels=2 only (K > 2 "
+                             f"always rounds), got num_levels={num_levels}")
         checks.optional_classes(num_classes)
         checks.one_of("predict_mode", predict_mode, PREDICT_MODES)
         height = self.data_shape[1]
@@ -87,6 +97,7 @@ class AutoregressiveModule(GenerativeModule):
                              f"got {predict_given_rows}")
         checks.positive(predict_temperature=predict_temperature)
         self.num_levels = num_levels
+        self.dynamic_binarization = bool(dynamic_binarization)
         self.num_classes = num_classes
         self.predict_mode = predict_mode
         self.predict_given_rows = predict_given_rows
@@ -96,10 +107,10 @@ class AutoregressiveModule(GenerativeModule):
     def quantize(self, x: Tensor) -> Tensor:
         """Images in [0, 1] as the data module yields them -> levels, int64 (B, C, H, W).
 
-        K = 2: dynamic binarization (Bernoulli with the intensity as probability; 0/1 images pass
-        unchanged). K > 2: round(x (K - 1)).
+        K = 2 with dynamic binarization: Bernoulli with the intensity as probability (0/1 images
+        pass unchanged). Otherwise round(x (K - 1)).
         """
-        if self.num_levels == 2:
+        if self.num_levels == 2 and self.dynamic_binarization:
             return torch.bernoulli(x.float()).long()
         return torch.round(x.float() * (self.num_levels - 1)).long()
 
@@ -125,7 +136,8 @@ class AutoregressiveModule(GenerativeModule):
     def log_prob(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """Exact log p(x) in nats per image, (B,), for x as the data module yields it.
 
-        For K = 2, non-binary x is binarized once (a random draw); binary x is used as is.
+        For K = 2, non-binary x is binarized once (a random draw, or rounded without dynamic
+        binarization); binary x is used as is.
         Conditional models give log p(x | y) for labels y, and without y the exact marginal
         log p(x) = log (1/N) sum_y p(x | y) under the uniform label prior that ``sample`` uses
         (N network passes).
@@ -271,8 +283,9 @@ class PixelCNN(AutoregressiveModule):
         kernel_size: kernel of the blocks (odd).
         first_kernel_size: kernel of the first (type A) layer (odd).
         head_channels: channels of the 1x1 output layers.
-        options: as keywords, AutoregressiveModule's (num_levels, num_classes: a learned bias
-            per layer, predict_*) and GenerativeModule's optimizer options.
+        options: as keywords, AutoregressiveModule's (num_levels, dynamic_binarization,
+            num_classes: a learned bias per layer, predict_*) and GenerativeModule's optimizer
+            options.
 
     Sampling runs the network once per value, each time on the rows of that value's receptive
     field only: none below it (masks) and ``network.rows_above`` above it (no stack of the
@@ -330,8 +343,9 @@ class PixelTransformer(AutoregressiveModule):
         max_positions: the longest sequence C*H*W accepted (4096: a (3, 32, 32) image is 3072;
             attention's time and memory grow with its square, so a (3, 64, 64) image, 12,288
             values, needs it raised on purpose).
-        options: as keywords, AutoregressiveModule's (num_levels, num_classes: a learned
-            embedding added at every position, predict_*) and GenerativeModule's optimizer options.
+        options: as keywords, AutoregressiveModule's (num_levels, dynamic_binarization,
+            num_classes: a learned embedding added at every position, predict_*) and
+            GenerativeModule's optimizer options.
 
     ``sample(n, use_cache=True)``: with the cache each new value costs one token step through
     the blocks (attention over the cached keys/values); ``use_cache=False`` recomputes the whole
