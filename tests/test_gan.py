@@ -269,6 +269,28 @@ def test_sampling_does_not_touch_batch_norm_statistics():
     assert first.min() >= 0 and first.max() <= 1
 
 
+def test_generator_extra_layers_add_convolutions_at_both_low_resolutions():
+    torch.manual_seed(0)
+    plain = GAN(base_channels=4, latent_dim=8)
+    deeper = GAN(base_channels=4, latent_dim=8, generator_extra_layers=2)
+    widths = [(layer.in_channels, layer.out_channels, layer.kernel_size)
+              for layer in deeper.generator.modules() if type(layer) is nn.Conv2d]
+    assert widths == [(8, 8, (3, 3))] * 2 + [(4, 4, (3, 3))] * 2  # 2c at H/4, then c at H/2
+    assert not any(type(layer) is nn.Conv2d for layer in plain.generator.modules())
+    # the input of each added convolution has the resolution its width belongs to
+    sizes = []
+    hooks = [layer.register_forward_hook(lambda m, args, out: sizes.append(tuple(out.shape[1:])))
+             for layer in deeper.generator.modules() if type(layer) is nn.Conv2d]
+    assert deeper.sample(3).shape == (3, 1, 28, 28)
+    for hook in hooks:
+        hook.remove()
+    assert sizes == [(8, 7, 7)] * 2 + [(4, 14, 14)] * 2
+    # 0 keeps the original layer indices (state-dict names), so earlier checkpoints still load
+    layers = [type(layer).__name__ for layer in plain.generator.upsample]
+    assert layers == ["BatchNorm2d", "ReLU", "ConvTranspose2d", "BatchNorm2d", "ReLU",
+                      "ConvTranspose2d", "Tanh"]
+
+
 def test_training_improves_the_energy_distance_on_8gaussians(tmp_path):
     torch.manual_seed(0)
     model = GAN((2,), latent_dim=2, generator_hidden_dims=(32, 32), discriminator_hidden_dims=(32, 32),
@@ -316,6 +338,8 @@ def test_bf16_mixed_dcgan_step(tmp_path, mnist_root):
     (dict(gradient_penalty_weight=-1.0), ValueError, "gradient_penalty_weight"),
     (dict(discriminator_learning_rate=0.0), ValueError, "discriminator_learning_rate"),
     (dict(ema_decay=1.0), ValueError, "decay"),
+    (dict(generator_extra_layers=-1), ValueError, "generator_extra_layers"),
+    (dict(data_shape=(2,), generator_extra_layers=1), ValueError, "dcgan"),
 ])
 def test_bad_arguments_are_rejected(kwargs, error, message):
     with pytest.raises(error, match=message):

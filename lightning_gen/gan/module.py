@@ -98,6 +98,9 @@ class GAN(GenerativeModule):
         r1_weight: gamma of the R1 penalty gamma / 2 E||grad D(x)||^2 on real data (0: off).
         spectral_norm: spectral normalization of every discriminator weight (Miyato et al. 2018).
         ema_decay: decay of the generator's weight average used for sampling (None: off).
+        generator_extra_layers: DCGAN only: 3x3 convolutions (batch norm, ReLU) added to the
+            generator at H/4 and again at H/2 (0: Radford et al.'s two transposed
+            convolutions alone).
         generator_learning_rate, discriminator_learning_rate: Adam learning rates (the DCGAN
             paper's 2e-4 for both).
         generator_betas, discriminator_betas: Adam's (beta1, beta2) (DCGAN: 0.5, 0.999;
@@ -127,6 +130,7 @@ class GAN(GenerativeModule):
         r1_weight: float = 0.0,
         spectral_norm: bool = False,
         ema_decay: float | None = None,
+        generator_extra_layers: int = 0,
         *,
         generator_learning_rate: float = 2e-4,
         discriminator_learning_rate: float = 2e-4,
@@ -145,6 +149,10 @@ class GAN(GenerativeModule):
             network = "dcgan" if self.is_image else "mlp"
         check_loss(loss)
         checks.at_least(1, latent_dim=latent_dim, base_channels=base_channels, n_critic=n_critic)
+        checks.at_least(0, generator_extra_layers=generator_extra_layers)
+        if generator_extra_layers and network != "dcgan":
+            raise ValueError(f"generator_extra_layers applies to network='dcgan' only, got "
+                             f"network={network!r}")
         if not generator_hidden_dims or not discriminator_hidden_dims:
             raise ValueError("generator_hidden_dims and discriminator_hidden_dims must name at least one width")
         if gradient_penalty_weight is None:
@@ -165,7 +173,7 @@ class GAN(GenerativeModule):
         self.discriminator_betas = _check_betas("discriminator_betas", discriminator_betas)
         self.generator, self.discriminator = build_networks(
             network, self.data_shape, latent_dim, generator_hidden_dims, discriminator_hidden_dims,
-            base_channels, num_classes, spectral_norm)
+            base_channels, num_classes, spectral_norm, generator_extra_layers)
         # The average is a submodule: it moves with .to(), and is saved in and restored from
         # checkpoints with the rest of the state dict.
         self.generator_ema = (ExponentialMovingAverage(self.generator, ema_decay)

@@ -113,10 +113,13 @@ class MLPDiscriminator(nn.Module):
 class DCGANGenerator(nn.Module):
     """z (B, latent_dim) -> (B, C, H, W) in [-1, 1] (Radford et al. 2016, fig. 1, for 28x28):
     a linear layer to (2c, H/4, W/4), then two stride-2 transposed convolutions, batch norm and
-    ReLU between them, tanh at the end."""
+    ReLU between them, tanh at the end. ``extra_layers`` > 0 adds that many 3x3 convolutions
+    (each with batch norm and ReLU) at H/4 and again at H/2, before each transposed convolution:
+    more depth at the same resolutions (0 gives the layers, and state-dict names, of the
+    original pair)."""
 
     def __init__(self, latent_dim: int, base_channels: int, data_shape: Sequence[int],
-                 num_classes: int | None = None) -> None:
+                 num_classes: int | None = None, extra_layers: int = 0) -> None:
         super().__init__()
         channels, height, width = data_shape
         self.low_shape = (2 * base_channels, height // 4, width // 4)
@@ -124,10 +127,18 @@ class DCGANGenerator(nn.Module):
         self.project = nn.Sequential(
             nn.Linear(latent_dim + self.labels.out_features_extra, math.prod(self.low_shape), bias=False),
         )
+
+        def refine(width: int) -> list[nn.Module]:
+            layers = []
+            for _ in range(extra_layers):
+                layers += [nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                           nn.ReLU()]
+            return layers
+
         self.upsample = nn.Sequential(
-            nn.BatchNorm2d(2 * base_channels), nn.ReLU(),
+            nn.BatchNorm2d(2 * base_channels), nn.ReLU(), *refine(2 * base_channels),
             nn.ConvTranspose2d(2 * base_channels, base_channels, 4, stride=2, padding=1, bias=False),
-            nn.BatchNorm2d(base_channels), nn.ReLU(),  # (B, c, H/2, W/2)
+            nn.BatchNorm2d(base_channels), nn.ReLU(), *refine(base_channels),  # (B, c, H/2, W/2)
             nn.ConvTranspose2d(base_channels, channels, 4, stride=2, padding=1),  # (B, C, H, W)
             nn.Tanh(),
         )
@@ -186,6 +197,7 @@ def build_networks(
     base_channels: int,
     num_classes: int | None = None,
     spectral_norm: bool = False,
+    generator_extra_layers: int = 0,
 ) -> tuple[nn.Module, nn.Module]:
     """(generator, discriminator) of the named pair; image generators end in tanh."""
     check_network(network, data_shape)
@@ -195,7 +207,8 @@ def build_networks(
                                  bounded=is_image)
         discriminator = MLPDiscriminator(data_shape, discriminator_hidden_dims, num_classes)
     else:
-        generator = DCGANGenerator(latent_dim, base_channels, data_shape, num_classes)
+        generator = DCGANGenerator(latent_dim, base_channels, data_shape, num_classes,
+                                   generator_extra_layers)
         discriminator = DCGANDiscriminator(data_shape, base_channels, num_classes)
     if spectral_norm:
         add_spectral_norm(discriminator)
