@@ -5,9 +5,10 @@ Each model trains on dynamically binarized MNIST (K = 2) for a wall-clock budget
 - test NLL: the exact -log p(x) in nats per image, on the first --test-size MNIST test digits,
   each binarized once with a fixed seed (the bars, pytorch-generative's table: PixelCNN 81.45,
   Gated PixelCNN 81.50, ImageGPT 79.17, PixelSNAIL 78.61, on the 10k test set);
-- sampling speed: images/s for --num-samples images drawn in one batch (784 sequential steps);
-  for the transformer with the key/value cache and without it (the whole prefix recomputed at
-  every step, on --uncached-samples images, as that is slow on a CPU).
+- sampling speed: images/s for --num-samples images drawn in one batch (784 sequential steps),
+  with the cache (PixelCNN's activations, the transformer's keys and values) and without it
+  (the network over the receptive field's rows, or the whole prefix, at every step, on
+  --uncached-samples images, as that is slow on a CPU).
 
     python benchmarks/autoregressive.py --device cuda --budget-minutes 30              # a GPU run
     python benchmarks/autoregressive.py --model pixelcnn --budget-minutes 5 --test-size 1000 \\
@@ -101,18 +102,14 @@ def run(name: str, args: argparse.Namespace, test_binary: torch.Tensor) -> list[
     eval_seconds = time.perf_counter() - start
 
     speeds = []
-    if name == "pixeltransformer":
-        samples, speed = timed_samples(model, args.num_samples, args.device, use_cache=True)
-        speeds.append(("cached", args.num_samples, speed))
-        uncached, speed = timed_samples(model, args.uncached_samples, args.device, use_cache=False)
-        speeds.append(("no cache", args.uncached_samples, speed))
-        # same seed and batch size, same draws: the images agree (up to float ties)
-        reference, _ = timed_samples(model, args.uncached_samples, args.device, use_cache=True)
-        matching = (uncached == reference).flatten(1).all(1).float().mean().item()
-        speeds.append(("no-cache samples equal to cached ones", args.uncached_samples, matching))
-    else:
-        samples, speed = timed_samples(model, args.num_samples, args.device)
-        speeds.append(("(no cache to use)", args.num_samples, speed))
+    samples, speed = timed_samples(model, args.num_samples, args.device, use_cache=True)
+    speeds.append(("cached", args.num_samples, speed))
+    uncached, speed = timed_samples(model, args.uncached_samples, args.device, use_cache=False)
+    speeds.append(("no cache", args.uncached_samples, speed))
+    # same seed and batch size, same draws: the images agree (up to float ties)
+    reference, _ = timed_samples(model, args.uncached_samples, args.device, use_cache=True)
+    matching = (uncached == reference).flatten(1).all(1).float().mean().item()
+    speeds.append(("no-cache samples equal to cached ones", args.uncached_samples, matching))
 
     from torchvision.utils import save_image
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_gen import PixelCNN, PixelTransformer
-from lightning_gen.autoregressive.nets import causal_conv_mask
+from lightning_gen.autoregressive.nets import MaskedConv2d, causal_conv_mask, local_window_sources
 from cli_helpers import fit_and_predict
 
 
@@ -39,8 +39,10 @@ def tiny_transformer(shape, **options):
 
 BUILDERS = {
     "pixelcnn_gated": lambda shape, **o: tiny_pixelcnn(shape, gated=True, **o),
+    "pixelcnn_gated_dilated": lambda shape, **o: tiny_pixelcnn(shape, gated=True, dilations=[2], **o),
     "pixelcnn_plain": lambda shape, **o: tiny_pixelcnn(shape, gated=False, **o),
     "pixeltransformer": tiny_transformer,
+    "pixeltransformer_local": lambda shape, **o: tiny_transformer(shape, local_window=3, **o),
 }
 
 
@@ -85,6 +87,34 @@ def test_masks_match_the_drawings():
     assert torch.equal(center_b, torch.tril(torch.ones(3, 3)))
     with pytest.raises(ValueError, match="mask_type"):
         causal_conv_mask(1, 1, (3, 3), "C")
+
+
+@pytest.mark.parametrize("dilation", [1, 2, 3])
+@pytest.mark.parametrize("data_channels", [1, 3])
+@pytest.mark.parametrize("mask_type,kernel_size", [("A", (3, 3)), ("B", (5, 5)), ("A", (1, 3)),
+                                                   ("B", (1, 5)), ("vertical_A", (7, 7)),
+                                                   ("vertical_B", (3, 3)), ("A", (1, 1)),
+                                                   ("B", (1, 1))])
+def test_masked_convolution_equals_the_full_masked_kernel(mask_type, kernel_size, data_channels,
+                                                          dilation):
+    """The layer convolves with the kept rows and columns of its kernel only, padded (or cropped)
+    to line up: the result must be the full k x k convolution with the masked kernel."""
+    torch.manual_seed(0)
+    layer = MaskedConv2d(6, 9, kernel_size, mask_type, data_channels, dilation).double()
+    x = torch.randn(2, 6, 9, 11, dtype=torch.float64)
+    expected = F.conv2d(x, layer.weight * layer.mask, layer.bias, dilation=dilation,
+                        padding=(dilation * (kernel_size[0] // 2), dilation * (kernel_size[1] // 2)))
+    torch.testing.assert_close(layer(x), expected, atol=1e-12, rtol=0)
+    # the taps convolved: no row below the centre, no column right of it in a one-row kernel
+    kernel_height, kernel_width = kernel_size
+    if mask_type == "vertical_A":
+        taps = (kernel_height // 2, kernel_width)
+    elif mask_type == "vertical_B" or kernel_height > 1:
+        taps = (kernel_height // 2 + 1, kernel_width)
+    else:  # 1 x k: the pixels left of the centre, and the centre where some channel may see it
+        center_seen = mask_type == "B" or data_channels > 1
+        taps = (1, max(kernel_width // 2 + center_seen, 1))  # 1 x 1 type A grey: no tap, kept whole
+    assert layer.weight[0, 0, layer.kept_rows, layer.kept_columns].shape == taps
 
 
 # --------------------------------------------------------------------------------- causality
@@ -194,9 +224,27 @@ def test_sample_shapes_and_values(name, num_levels):
         model.sample(0)
 
 
-def test_cached_transformer_sampling_equals_uncached():
+def test_local_window_sources_are_the_earlier_values_around_a_pixel():
+    # grey 3 x 4 image, window 3: the pixel at (1, 1) (position 5) sees (0, 0..2) and (1, 0)
+    sources = local_window_sources((1, 3, 4), 3)  # (12, 1, 9)
+    assert sources.shape == (12, 1, 9)
+    assert sources[5, 0].tolist() == [0, 1, 2, 4, -1, -1, -1, -1, -1]
+    assert (sources[0] == -1).all()  # the first pixel sees nothing
+    # at (0, 3) the window's right column is outside, its rows above too: only (0, 2)
+    assert sorted(sources[3, 0].tolist()) == [-1] * 8 + [2]
+    # RGB 2 x 2: green of pixel (1, 1) (position 3 * 3 + 1 = 10) sees every channel of pixels
+    # 0, 1, 2 in the window and the red (position 9) of its own pixel
+    rgb = local_window_sources((3, 2, 2), 3)  # (12, 3, 27)
+    seen = sorted(v for v in rgb[10, 1].tolist() if v >= 0)
+    assert seen == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+    assert sorted(v for v in rgb[9, 0].tolist() if v >= 0) == list(range(9))  # red: not itself
+    assert all(v < t for t in range(12) for v in rgb[t, t % 3].tolist())  # only earlier values
+
+
+@pytest.mark.parametrize("local_window", [0, 3])
+def test_cached_transformer_sampling_equals_uncached(local_window):
     torch.manual_seed(0)
-    model = tiny_transformer((1, 6, 6), num_levels=4, num_classes=3).eval()
+    model = tiny_transformer((1, 6, 6), num_levels=4, num_classes=3, local_window=local_window).eval()
     y = torch.tensor([0, 1, 2, 1, 0])
     torch.manual_seed(5)
     cached = model.sample(5, y=y, use_cache=True)
@@ -216,9 +264,10 @@ def test_cached_transformer_sampling_equals_uncached():
     assert torch.equal(cached, uncached)
 
 
-def test_cached_logits_equal_full_forward():
+@pytest.mark.parametrize("local_window", [0, 3])
+def test_cached_logits_equal_full_forward(local_window):
     torch.manual_seed(0)
-    network = tiny_transformer((1, 4, 4), num_levels=3).network.eval()
+    network = tiny_transformer((1, 4, 4), num_levels=3, local_window=local_window).network.eval()
     x = torch.randint(3, (2, 16)).float() / 2  # (B, T)
     full = network(x)  # (B, T, K)
     cache = network.new_cache()
@@ -229,14 +278,65 @@ def test_cached_logits_equal_full_forward():
         network(x, cache=cache)
 
 
-@pytest.mark.parametrize("gated,channels,first_kernel_size,kernel_size",
-                         [(True, 1, 7, 3), (True, 3, 5, 5), (False, 1, 7, 3), (False, 3, 3, 5)])
+@pytest.mark.parametrize("classes", [None, 3], ids=["unconditional", "conditional"])
+@pytest.mark.parametrize("dilations", [[1], [1, 2]], ids=["undilated", "dilated"])
+@pytest.mark.parametrize("channels", [1, 3], ids=["gray", "rgb"])
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
+def test_pixelcnn_cache_logits_equal_full_forward(gated, channels, dilations, classes):
+    """Each value's logits from the cached activations equal the whole network's on the image,
+    whether every position is asked for in turn or some are skipped (given values)."""
+    shape = (channels, 7, 6)
+    torch.manual_seed(0)
+    model = tiny_pixelcnn(shape, gated=gated, num_levels=4, dilations=dilations,
+                          num_classes=classes).double().eval()
+    images = torch.randint(4, (2, *shape)).double() / 3
+    y = torch.tensor([0, 2]) if classes else None
+    with torch.no_grad():
+        full = model(images, y)  # (B, K, C, H, W)
+        C, H, W = shape
+        for asked in (range(C * H * W), range(5, C * H * W, 4)):
+            cache = model.start_sampling(2)
+            for position in asked:
+                row, column, channel = position // (W * C), (position // C) % W, position % C
+                torch.testing.assert_close(model.next_logits(images, position, y, cache),
+                                           full[:, :, channel, row, column], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
+def test_cached_pixelcnn_sampling_equals_uncached(gated):
+    torch.manual_seed(0)
+    model = tiny_pixelcnn((3, 5, 5), gated=gated, num_levels=4, num_classes=3,
+                          dilations=[1, 2]).eval()
+    y = torch.tensor([0, 1, 2, 1])
+    torch.manual_seed(5)
+    cached = model.sample(4, y=y)  # the cache is the default
+    torch.manual_seed(5)
+    uncached = model.sample(4, y=y, use_cache=False)
+    assert torch.equal(cached, uncached)
+    assert cached.unique().numel() > 1
+    x = torch.rand(4, 3, 5, 5)
+    mask = torch.zeros(3, 5, 5, dtype=torch.bool)
+    mask[:, :2] = True
+    mask[1:, 3, 1:3] = True  # given green and blue values of pixels whose red is drawn
+    torch.manual_seed(6)
+    cached = model.complete(x, mask=mask, y=y)
+    torch.manual_seed(6)
+    uncached = model.complete(x, mask=mask, y=y, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("gated,channels,first_kernel_size,kernel_size,dilations",
+                         [(True, 1, 7, 3, [1]), (True, 3, 5, 5, [1]), (False, 1, 7, 3, [1]),
+                          (False, 3, 3, 5, [1]), (True, 1, 3, 3, [2, 3]), (False, 1, 3, 3, [1, 2])])
 def test_pixelcnn_samples_from_its_receptive_field_rows_with_the_whole_image_logits(
-        gated, channels, first_kernel_size, kernel_size):
+        gated, channels, first_kernel_size, kernel_size, dilations):
     """Sampling runs the network on the rows of a value's receptive field only (network.rows_above
     above it): that field is exactly as tall as said, and its logits are the whole image's."""
-    options = dict(gated=gated, num_levels=4, first_kernel_size=first_kernel_size, kernel_size=kernel_size)
-    rows_above = first_kernel_size // 2 + (2 if gated else 3) * (kernel_size // 2)  # three layers
+    options = dict(gated=gated, num_levels=4, first_kernel_size=first_kernel_size,
+                   kernel_size=kernel_size, dilations=dilations)
+    # three layers; the gated net's first is undilated, every later one cycles through dilations
+    later = [dilations[index % len(dilations)] for index in range(2 if gated else 3)]
+    rows_above = first_kernel_size // 2 + sum(later) * (kernel_size // 2)
     shape = (channels, rows_above + 4, 5)
     torch.manual_seed(0)
     model = tiny_pixelcnn(shape, **options).eval()
@@ -362,12 +462,18 @@ def test_bad_arguments():
         PixelCNN((3, 4, 4), hidden_channels=8)
     with pytest.raises(ValueError, match="odd"):
         PixelCNN((1, 4, 4), kernel_size=4)
+    for local_window in (-1, 2):
+        with pytest.raises(ValueError, match="local_window must be 0"):
+            PixelTransformer((1, 4, 4), local_window=local_window)
+    for dilations in ([], [0], [1, 2.5]):
+        with pytest.raises(ValueError, match="dilations must be a non-empty list of positive ints"):
+            PixelCNN((1, 4, 4), dilations=dilations)
     with pytest.raises(ValueError, match="num_heads"):
         PixelTransformer((1, 4, 4), model_dim=10, num_heads=4)
     with pytest.raises(ValueError, match="predict_mode"):
         PixelCNN((1, 4, 4), predict_mode="completion")
-    with pytest.raises(TypeError, match="use_cache"):
-        tiny_pixelcnn((1, 4, 4)).sample(1, use_cache=True)  # PixelCNN has no cache option
+    with pytest.raises(TypeError, match="keep_cache"):
+        tiny_pixelcnn((1, 4, 4)).sample(1, keep_cache=True)  # not a sampling option
     with pytest.raises(ValueError, match="shape"):
         tiny_pixelcnn((1, 4, 4)).log_prob(torch.rand(2, 1, 5, 5))
 

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_gen.autoregressive.nets import PixelCNNNet, PixelTransformerNet
+from lightning_gen.autoregressive.nets import PixelCNNCache, PixelCNNNet, PixelTransformerNet
 from lightning_gen import checks
 from lightning_gen.base import GenerativeModule
 
@@ -283,13 +283,20 @@ class PixelCNN(AutoregressiveModule):
         kernel_size: kernel of the blocks (odd).
         first_kernel_size: kernel of the first (type A) layer (odd).
         head_channels: channels of the 1x1 output layers.
+        dilations: dilation of the k x k convolutions of the layers after the first, cycled over
+            them ([1, 2, 4]: 1, 2, 4, 1, 2, ...): the receptive field grows by dilation * (k // 2)
+            rows per layer at the same cost per training step (sampling runs on the taller field,
+            so it costs more). Default [1]: undilated.
         options: as keywords, AutoregressiveModule's (num_levels, dynamic_binarization,
             num_classes: a learned bias per layer, predict_*) and GenerativeModule's optimizer
             options.
 
-    Sampling runs the network once per value, each time on the rows of that value's receptive
-    field only: none below it (masks) and ``network.rows_above`` above it (no stack of the
-    network's layers reaches further up), so the logits are those of the whole image.
+    ``sample(n, use_cache=True)`` (the default) keeps every layer's activations at the values
+    drawn so far (``PixelCNNCache``), so each new value costs the layers at its own pixel (and
+    each new row the gated vertical stack's row). ``use_cache=False`` runs the network once per
+    value on the rows of that value's receptive field only: none below it (masks) and
+    ``network.rows_above`` above it (no stack of the network's layers reaches further up), so
+    the logits are those of the whole image: the reference the cache must match.
     """
 
     def __init__(
@@ -301,6 +308,7 @@ class PixelCNN(AutoregressiveModule):
         kernel_size: int = 3,
         first_kernel_size: int = 7,
         head_channels: int = 256,
+        dilations: Sequence[int] = (1,),
         **options: Any,
     ) -> None:
         super().__init__(data_shape, **options)
@@ -316,13 +324,22 @@ class PixelCNN(AutoregressiveModule):
         for name, value in [("kernel_size", kernel_size), ("first_kernel_size", first_kernel_size)]:
             if value < 1 or value % 2 == 0:
                 raise ValueError(f"{name} must be a positive odd int, got {value}")
+        dilations = list(dilations)
+        if not dilations or not all(isinstance(d, int) and d >= 1 for d in dilations):
+            raise ValueError(f"dilations must be a non-empty list of positive ints, got {dilations!r}")
         self.network = PixelCNNNet(channels, self.num_levels, hidden_channels, num_layers, kernel_size,
-                                   first_kernel_size, head_channels, gated, self.num_classes)
+                                   first_kernel_size, head_channels, gated, self.num_classes,
+                                   dilations)
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         return self.network(self.to_model_space(x), y)  # (B, K, C, H, W); the network reads [-1, 1]
 
+    def start_sampling(self, batch_size: int, use_cache: bool = True) -> Any:
+        return PixelCNNCache(self.network, self.to_model_space) if use_cache else None
+
     def next_logits(self, images: Tensor, position: int, y: Tensor | None, state: Any) -> Tensor:
+        if state is not None:
+            return state.logits(images, position, y)
         C, H, W = self.data_shape
         row, column, channel = position // (W * C), (position // C) % W, position % C
         top = max(row - self.network.rows_above, 0)
@@ -343,6 +360,8 @@ class PixelTransformer(AutoregressiveModule):
         max_positions: the longest sequence C*H*W accepted (4096: a (3, 32, 32) image is 3072;
             attention's time and memory grow with its square, so a (3, 64, 64) image, 12,288
             values, needs it raised on purpose).
+        local_window: k > 0 adds to each position's input a linear map of the earlier values in
+            the k x k pixels centred on its own (odd k; 0: none, the plain ImageGPT-style input).
         options: as keywords, AutoregressiveModule's (num_levels, dynamic_binarization,
             num_classes: a learned embedding added at every position, predict_*) and
             GenerativeModule's optimizer options.
@@ -362,6 +381,7 @@ class PixelTransformer(AutoregressiveModule):
         num_heads: int = 4,
         dropout: float = 0.0,
         max_positions: int = 4096,
+        local_window: int = 0,
         **options: Any,
     ) -> None:
         super().__init__(data_shape, **options)
@@ -376,8 +396,11 @@ class PixelTransformer(AutoregressiveModule):
         if model_dim % num_heads:
             raise ValueError(f"model_dim ({model_dim}) must be a multiple of num_heads ({num_heads})")
         checks.fraction(dropout=dropout)
+        if not isinstance(local_window, int) or local_window < 0 or (local_window and local_window % 2 == 0):
+            raise ValueError(f"local_window must be 0 (none) or a positive odd int, got {local_window!r}")
         self.network = PixelTransformerNet(math.prod(self.data_shape), self.num_levels, model_dim,
-                                           num_layers, num_heads, dropout, self.num_classes)
+                                           num_layers, num_heads, dropout, self.num_classes,
+                                           self.data_shape, local_window)
 
     @staticmethod
     def to_sequence(x: Tensor) -> Tensor:

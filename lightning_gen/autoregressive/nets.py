@@ -12,6 +12,7 @@ B). Every network here returns, at each position, logits that depend only on ear
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -86,10 +87,30 @@ def causal_conv_mask(
     return mask
 
 
+def zero_padded_slice(x: Tensor, dim: int, start: int, stop: int) -> Tensor:
+    """Indices start..stop-1 of x along dim, zeros where they fall outside x."""
+    size = x.shape[dim]
+    inside_start, inside_stop = min(max(start, 0), size), max(min(stop, size), 0)
+    if start == inside_start and stop == inside_stop:
+        return x.narrow(dim, start, stop - start)
+    shape = list(x.shape)
+    shape[dim] = stop - start
+    out = x.new_zeros(shape)
+    if inside_start < inside_stop:
+        out.narrow(dim, inside_start - start, inside_stop - inside_start).copy_(
+            x.narrow(dim, inside_start, inside_stop - inside_start))
+    return out
+
+
 class MaskedConv2d(nn.Conv2d):
     """A 2-D convolution whose kernel is multiplied by a fixed causal mask (``causal_conv_mask``).
 
-    'Same' zero padding, stride 1, so outputs line up with inputs pixel by pixel.
+    'Same' zero padding, stride 1, so outputs line up with inputs pixel by pixel; ``dilation``
+    spaces the kernel's taps ``dilation`` pixels apart (the receptive field grows, the cost does
+    not). The forward pass convolves with the rows and columns of the kernel the mask keeps
+    only (a 3 x 3 vertical_B kernel is a 2 x 3 convolution, a 1 x 3 horizontal one 1 x 2), padded
+    so that the result equals the full masked convolution: a third or more of the multiply-adds
+    of every k x k and 1 x k layer saved. The parameter keeps the full kernel shape.
     """
 
     def __init__(
@@ -99,19 +120,52 @@ class MaskedConv2d(nn.Conv2d):
         kernel_size: int | tuple[int, int],
         mask_type: str,
         data_channels: int = 1,
+        dilation: int = 1,
     ) -> None:
         if isinstance(kernel_size, int):
             kernel_size = (kernel_size, kernel_size)
+        if not isinstance(dilation, int) or dilation < 1:
+            raise ValueError(f"dilation must be a positive int, got {dilation!r}")
         super().__init__(in_channels, out_channels, kernel_size,
-                         padding=(kernel_size[0] // 2, kernel_size[1] // 2))
+                         padding=(dilation * (kernel_size[0] // 2), dilation * (kernel_size[1] // 2)),
+                         dilation=dilation)
         self.mask_type = mask_type
-        self.register_buffer(
-            "mask", causal_conv_mask(out_channels, in_channels, kernel_size, mask_type, data_channels),
-            persistent=False,
-        )
+        mask = causal_conv_mask(out_channels, in_channels, kernel_size, mask_type, data_channels)
+        self.register_buffer("mask", mask, persistent=False)
+        # the kernel's rows r0..r1 and columns c0..c1 that the mask keeps (all if it keeps none)
+        kept = mask.flatten(0, 1).any(0)  # (kH, kW)
+        rows, columns = (kept.any(1), kept.any(0)) if kept.any() else (kept[:, 0] | True, kept[0] | True)
+        r0, r1 = int(rows.nonzero().min()), int(rows.nonzero().max())
+        c0, c1 = int(columns.nonzero().min()), int(columns.nonzero().max())
+        self.kept_rows, self.kept_columns = slice(r0, r1 + 1), slice(c0, c1 + 1)
+        # output (i, j) reads input (i + dilation (a - centre), ...) at kernel row a: pad (or,
+        # where negative, crop) so the kept taps meet the same inputs with no further padding
+        center_row, center_column = kernel_size[0] // 2, kernel_size[1] // 2
+        self.input_padding = (dilation * (center_column - c0), dilation * (c1 - center_column),
+                              dilation * (center_row - r0), dilation * (r1 - center_row))
+        # rows and columns of input one output reads, beyond its own: (r1 - r0) and (c1 - c0) taps
+        self.input_span = (dilation * (r1 - r0), dilation * (c1 - c0))
+
+    def kept_kernel(self) -> Tensor:
+        return (self.weight * self.mask)[:, :, self.kept_rows, self.kept_columns]
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(x, self.weight * self.mask, self.bias, padding=self.padding)
+        return F.conv2d(F.pad(x, self.input_padding), self.kept_kernel(), self.bias,
+                        dilation=self.dilation)
+
+    def region(self, x: Tensor, rows: tuple[int, int], columns: tuple[int, int],
+               first_row: int = 0) -> Tensor:
+        """``forward(x)[:, :, rows[0]:rows[1], columns[0]:columns[1]]``, computed there only.
+
+        ``x`` may hold a band of rows of the input only, starting at row ``first_row``; the
+        rows the region reads outside that band count as zero padding, so the band must hold
+        every row of the input the region reads that lies inside the image.
+        """
+        left, _, top, _ = self.input_padding
+        row_span, column_span = self.input_span
+        band = zero_padded_slice(x, 2, rows[0] - top - first_row, rows[1] - top - first_row + row_span)
+        band = zero_padded_slice(band, 3, columns[0] - left, columns[1] - left + column_span)
+        return F.conv2d(band, self.kept_kernel(), self.bias, dilation=self.dilation)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, mask_type={self.mask_type!r}"
@@ -123,10 +177,10 @@ class ResidualMaskedBlock(nn.Module):
     ReLU, 1x1 (2h -> h), ReLU, k x k type B (h -> h), ReLU, 1x1 (h -> 2h), plus the input.
     """
 
-    def __init__(self, channels: int, kernel_size: int, data_channels: int) -> None:
+    def __init__(self, channels: int, kernel_size: int, data_channels: int, dilation: int = 1) -> None:
         super().__init__()
         self.reduce = MaskedConv2d(2 * channels, channels, 1, "B", data_channels)
-        self.conv = MaskedConv2d(channels, channels, kernel_size, "B", data_channels)
+        self.conv = MaskedConv2d(channels, channels, kernel_size, "B", data_channels, dilation)
         self.expand = MaskedConv2d(channels, 2 * channels, 1, "B", data_channels)
 
     def forward(self, x: Tensor) -> Tensor:  # x: (B, 2h, H, W)
@@ -155,13 +209,13 @@ class GatedBlock(nn.Module):
     """
 
     def __init__(self, in_channels: int, channels: int, kernel_size: int, data_channels: int,
-                 first: bool) -> None:
+                 first: bool, dilation: int = 1) -> None:
         super().__init__()
         self.first = first
         self.vertical = MaskedConv2d(in_channels, 2 * channels, kernel_size,
-                                     "vertical_A" if first else "vertical_B", data_channels)
+                                     "vertical_A" if first else "vertical_B", data_channels, dilation)
         self.horizontal = MaskedConv2d(in_channels, 2 * channels, (1, kernel_size),
-                                       "A" if first else "B", data_channels)
+                                       "A" if first else "B", data_channels, dilation)
         self.vertical_to_horizontal = nn.Conv2d(2 * channels, 2 * channels, 1)
         self.horizontal_out = MaskedConv2d(channels, channels, 1, "B", data_channels)
 
@@ -185,6 +239,11 @@ class PixelCNNNet(nn.Module):
     ``gated=True``: gated blocks with vertical and horizontal stacks (van den Oord et al. 2016b),
     the first with kernel k0, no blind spot. Both end in ReLU, 1x1, ReLU, 1x1 to K logits per
     data channel. ``num_classes`` adds a learned per-layer bias for the label (2016b, eq. 4).
+
+    ``dilations`` (cycled) space the taps of the k x k (and 1 x k) convolutions of the blocks
+    after the first layer: [1, 2, 4] over six blocks gives them 1, 2, 4, 1, 2, 4, and a
+    receptive field 2 * (1 + 2 + 4) rows taller than all-1 (k = 3) at the same cost per step,
+    as WaveNet's dilated causal convolutions do in 1-D (van den Oord et al. 2016c).
     """
 
     def __init__(
@@ -198,22 +257,28 @@ class PixelCNNNet(nn.Module):
         head_channels: int = 256,
         gated: bool = True,
         num_classes: int | None = None,
+        dilations: Sequence[int] = (1,),
     ) -> None:
         super().__init__()
         self.data_channels = data_channels
         self.num_levels = num_levels
         self.gated = gated
         C, h = data_channels, hidden_channels
+        # the dilation of each layer after the first (the gated net's block 0, the plain net's
+        # input convolution, reads the image undilated)
+        later_layers = num_layers - 1 if gated else num_layers
+        later_dilations = [dilations[index % len(dilations)] for index in range(later_layers)]
         if gated:
             self.blocks = nn.ModuleList(
                 GatedBlock(C if index == 0 else h, h, first_kernel_size if index == 0 else kernel_size,
-                           C, first=index == 0)
+                           C, first=index == 0, dilation=1 if index == 0 else later_dilations[index - 1])
                 for index in range(num_layers)
             )
             features, condition_channels = h, 4 * h
         else:
             self.input_conv = MaskedConv2d(C, 2 * h, first_kernel_size, "A", C)
-            self.blocks = nn.ModuleList(ResidualMaskedBlock(h, kernel_size, C) for _ in range(num_layers))
+            self.blocks = nn.ModuleList(ResidualMaskedBlock(h, kernel_size, C, dilation)
+                                        for dilation in later_dilations)
             features, condition_channels = 2 * h, 2 * h
         self.class_embedding = (nn.Embedding(num_classes, num_layers * condition_channels)
                                 if num_classes else None)
@@ -223,17 +288,20 @@ class PixelCNNNet(nn.Module):
         )
         # How many rows above a pixel its logits can depend on (the receptive field's height
         # above it): the first layer reaches first_kernel_size // 2 rows up, every later k x k
-        # layer k // 2 more (the 1 x k horizontal stack and the 1x1 layers none).
-        later_layers = num_layers - 1 if gated else num_layers
-        self.rows_above = first_kernel_size // 2 + later_layers * (kernel_size // 2)
+        # layer dilation * (k // 2) more (the 1 x k horizontal stack and the 1x1 layers none).
+        self.rows_above = first_kernel_size // 2 + sum(later_dilations) * (kernel_size // 2)
+
+    def conditions(self, y: Tensor | None) -> list[Tensor | None]:
+        """Each block's class bias (B, channels, 1, 1) for labels y, or None when unconditional."""
+        if self.class_embedding is None:
+            return [None] * len(self.blocks)
+        if y is None:
+            raise ValueError("this PixelCNN is class-conditional: pass labels y")
+        return list(self.class_embedding(y)[:, :, None, None].chunk(len(self.blocks), dim=1))
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         # x: (B, C, H, W) in [-1, 1]; y: (B,) labels or None
-        conditions: list[Tensor | None] = [None] * len(self.blocks)
-        if self.class_embedding is not None:
-            if y is None:
-                raise ValueError("this PixelCNN is class-conditional: pass labels y")
-            conditions = list(self.class_embedding(y)[:, :, None, None].chunk(len(self.blocks), dim=1))
+        conditions = self.conditions(y)
         if self.gated:
             v = h = x
             for block, condition in zip(self.blocks, conditions):
@@ -246,6 +314,107 @@ class PixelCNNNet(nn.Module):
         logits = self.head(features)  # (B, K * C, H, W), channel k * C + c
         B, _, H, W = logits.shape
         return logits.view(B, self.num_levels, self.data_channels, H, W)
+
+
+class PixelCNNCache:
+    """Every layer's activations at the values drawn so far in one sampling run of a
+    ``PixelCNNNet``, so that each new value computes the layers at its own pixel only (as the fast
+    generation of Ramachandran et al. 2017), instead of the whole network over the rows above it.
+
+    A pixel's activations in every layer depend on earlier values only, so once computed they
+    stay. The gated network's vertical stack at row i reads rows above and row i of the layer
+    below (to the right of a pixel too), so it is computed a row at a time when the row starts;
+    the horizontal stack and the plain network's layers a pixel at a time. With C > 1 channels a
+    pixel's activations are computed again for each of its channels (channel c reads c' < c).
+    Positions not asked for (given values of ``complete``) are computed when a later one is.
+
+    ``logits(images, position, y)`` takes the images in [0, 1] as the sampler holds them (the
+    values before ``position`` final), equal to ``network(to_input(images), y)`` at that value.
+    """
+
+    def __init__(self, network: PixelCNNNet, to_input) -> None:
+        self.network = network
+        self.to_input = to_input  # images [0, 1] -> the network's input space (elementwise)
+        self.next_pixel = 0  # pixels before it have their final activations in every layer
+        self.vertical_rows_done = 0  # the gated network's vertical stack: rows before it computed
+        self.maps: list[Tensor] | None = None
+
+    def logits(self, images: Tensor, position: int, y: Tensor | None) -> Tensor:
+        B, C, H, W = images.shape
+        if self.maps is None:
+            self.conditions = self.network.conditions(y)
+            self.allocate(images)
+        pixel, channel = divmod(position, C)
+        for earlier in range(self.next_pixel, pixel):
+            self.compute_pixel(images, *divmod(earlier, W))
+        features = self.compute_pixel(images, *divmod(pixel, W))  # (B, features, 1, 1)
+        self.next_pixel = pixel + 1 if channel == C - 1 else pixel
+        logits = self.network.head(features).view(B, self.network.num_levels, C)
+        return logits[:, :, channel]  # (B, K)
+
+    def allocate(self, images: Tensor) -> None:
+        B, _, H, W = images.shape
+        blocks = self.network.blocks
+        if self.network.gated:
+            # per block: its vertical output (all rows so far), its horizontal output (this row)
+            # and the vertical stack's link into the horizontal one (this row)
+            channels = blocks[0].horizontal_out.out_channels
+            self.maps = [images.new_zeros(B, channels, H, W) for _ in blocks]
+            self.horizontal = [images.new_zeros(B, channels, 1, W) for _ in blocks]
+            self.links = [images.new_zeros(B, 2 * channels, 1, W) for _ in blocks]
+        else:
+            # per block: ReLU(reduce(ReLU(input))), which its k x k convolution reads
+            self.maps = [images.new_zeros(B, block.conv.in_channels, H, W) for block in blocks]
+
+    def input_rows(self, images: Tensor, start: int, stop: int) -> Tensor:
+        start = max(start, 0)
+        return self.to_input(images[:, :, start:stop]), start
+
+    def compute_pixel(self, images: Tensor, i: int, j: int) -> Tensor:
+        if self.network.gated:
+            while self.vertical_rows_done <= i:
+                self.compute_vertical_row(images, self.vertical_rows_done)
+                self.vertical_rows_done += 1
+            return self.compute_horizontal_pixel(images, i, j)
+        return self.compute_plain_pixel(images, i, j)
+
+    def compute_vertical_row(self, images: Tensor, i: int) -> None:
+        blocks = self.network.blocks
+        for index, (block, condition) in enumerate(zip(blocks, self.conditions)):
+            if index == 0:  # the image's rows above row i
+                band, first_row = self.input_rows(images, i - block.vertical.input_padding[2], i)
+            else:
+                band, first_row = self.maps[index - 1], 0
+            v_pre = block.vertical.region(band, (i, i + 1), (0, images.shape[3]), first_row)
+            self.links[index] = block.vertical_to_horizontal(v_pre)  # (B, 2h, 1, W)
+            if condition is not None:
+                v_pre = v_pre + condition.chunk(2, dim=1)[0]
+            self.maps[index][:, :, i: i + 1] = gate(v_pre)
+
+    def compute_horizontal_pixel(self, images: Tensor, i: int, j: int) -> Tensor:
+        h = self.to_input(images[:, :, i: i + 1])  # (B, C, 1, W): block 0 reads the image row
+        for index, (block, condition) in enumerate(zip(self.network.blocks, self.conditions)):
+            h_pre = block.horizontal.region(h, (0, 1), (j, j + 1)) + self.links[index][..., j: j + 1]
+            if condition is not None:
+                h_pre = h_pre + condition.chunk(2, dim=1)[1]
+            out = block.horizontal_out(gate(h_pre))  # (B, h, 1, 1)
+            if not block.first:
+                out = h[..., j: j + 1] + out
+            self.horizontal[index][..., j: j + 1] = out
+            h = self.horizontal[index]
+        return h[..., j: j + 1]
+
+    def compute_plain_pixel(self, images: Tensor, i: int, j: int) -> Tensor:
+        convolution = self.network.input_conv
+        band, first_row = self.input_rows(images, i - convolution.input_padding[2], i + 1)
+        features = convolution.region(band, (i, i + 1), (j, j + 1), first_row)  # (B, 2h, 1, 1)
+        for block, condition, inner in zip(self.network.blocks, self.conditions, self.maps):
+            if condition is not None:
+                features = features + condition
+            inner[:, :, i: i + 1, j: j + 1] = F.relu(block.reduce(F.relu(features)))
+            out = block.conv.region(inner, (i, i + 1), (j, j + 1))
+            features = features + block.expand(F.relu(out))
+        return features
 
 
 # --------------------------------------------------------------------------------- transformer
@@ -275,6 +444,37 @@ class KeyValueCache:
         self.keys[layer][:, :, start:end] = k
         self.values[layer][:, :, start:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+def local_window_sources(image_shape: Sequence[int], window: int) -> Tensor:
+    """For a (C, H, W) image as a raster sequence (pixels in rows, a pixel's channels adjacent):
+    sources[t, c, s] = the sequence index of the s-th value of the window x window pixels (all
+    C channels) centred on position t's pixel, as seen by a value of channel c there, or -1
+    where that value is not strictly before it (below, right in the same row, channels >= c of
+    the same pixel) or outside the image. (T, C, window * window * C), int64.
+
+    The table is per channel c, not per t's own channel only, so that gathering it by each
+    position's channel is one index.
+    """
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f"local_window must be a positive odd int (0: none), got {window}")
+    C, H, W = image_shape
+    half = window // 2
+    offsets = torch.arange(-half, half + 1)
+    di, dj, source_channel = torch.meshgrid(offsets, offsets, torch.arange(C), indexing="ij")
+    di, dj, source_channel = di.flatten(), dj.flatten(), source_channel.flatten()  # (S,)
+    pixel = torch.arange(H * W)
+    rows, columns = (pixel // W)[:, None] + di, (pixel % W)[:, None] + dj  # (H W, S)
+    inside = (rows >= 0) & (rows < H) & (columns >= 0) & (columns < W)
+    before = (di < 0) | ((di == 0) & (dj < 0))  # an earlier pixel, (S,)
+    same_pixel = (di == 0) & (dj == 0)
+    index = (rows * W + columns) * C + source_channel  # (H W, S)
+    tables = []
+    for channel in range(C):
+        allowed = inside & (before | (same_pixel & (source_channel < channel)))
+        tables.append(torch.where(allowed, index, torch.full_like(index, -1)))
+    per_pixel = torch.stack(tables, dim=1)  # (H W, C, S)
+    return per_pixel.repeat_interleave(C, dim=0)  # (T, C, S): the C positions of a pixel alike
 
 
 class CausalSelfAttention(nn.Module):
@@ -337,6 +537,11 @@ class PixelTransformerNet(nn.Module):
     K-level grid that is the plain table lookup, and it keeps the logits differentiable in x, which
     lets a test check causality by gradient. Learned position embeddings; a class embedding (when
     ``num_classes``) is added at every position.
+
+    ``local_window`` k > 0 adds to each position's input a linear map of the earlier values in
+    the k x k pixels around its own (a type-A masked convolution's view, as PixelCNN's first
+    layer): the pixel above and its neighbours arrive as input, where attention would have to
+    learn to find them W positions back (``local_window_sources``).
     """
 
     def __init__(
@@ -348,10 +553,20 @@ class PixelTransformerNet(nn.Module):
         num_heads: int = 4,
         dropout: float = 0.0,
         num_classes: int | None = None,
+        image_shape: Sequence[int] | None = None,
+        local_window: int = 0,
     ) -> None:
         super().__init__()
         self.sequence_length = sequence_length
         self.num_levels = num_levels
+        self.local_window = local_window
+        if local_window:
+            if image_shape is None:
+                raise ValueError("local_window needs the image_shape (C, H, W) of the sequence")
+            sources = local_window_sources(image_shape, local_window)  # (T, C, k * k * C)
+            self.register_buffer("window_sources", sources, persistent=False)
+            # per target channel c, a linear map of the window's values into the residual stream
+            self.window_embedding = nn.Parameter(torch.randn(sources.shape[1], sources.shape[2], model_dim) * 0.02)
         self.level_embedding = nn.Parameter(torch.randn(num_levels, model_dim) * 0.02)
         self.start_token = nn.Parameter(torch.randn(model_dim) * 0.02)
         self.position_embedding = nn.Parameter(torch.randn(sequence_length, model_dim) * 0.02)
@@ -383,6 +598,18 @@ class PixelTransformerNet(nn.Module):
         lower = lower.long()
         return (1 - fraction) * self.level_embedding[lower] + fraction * self.level_embedding[lower + 1]
 
+    def embed_window(self, x: Tensor, start: int, n: int) -> Tensor:
+        """(B, n - start, D): at each position t, the linear map (of t's channel) of the earlier
+        values in the k x k window around t's pixel, zeros for the others."""
+        B = x.shape[0]
+        sources = self.window_sources[start:n]  # (n - start, C, S), -1: not an earlier value
+        channel = torch.arange(start, n, device=x.device) % sources.shape[1]  # (n - start,)
+        sources = sources[torch.arange(n - start, device=x.device), channel]  # (n - start, S)
+        padded = torch.cat([x, x.new_zeros(B, 1)], dim=1)  # index n: the zero of missing values
+        values = padded[:, torch.where(sources < 0, n, sources)]  # (B, n - start, S)
+        weights = self.window_embedding[channel]  # (n - start, S, D)
+        return torch.einsum("bts,tsd->btd", values, weights)
+
     def forward(self, x: Tensor, y: Tensor | None = None, cache: KeyValueCache | None = None) -> Tensor:
         """Logits (B, n - start, K) of x_start .. x_{n-1}, where x (B, n) holds the first n values
         of the sequence (x_{n-1} itself is not read) and start = the cached length (0 without
@@ -398,6 +625,8 @@ class PixelTransformerNet(nn.Module):
         if start == 0:
             tokens = torch.cat([self.start_token.expand(B, 1, -1), tokens], dim=1)  # (B, n, D)
         h = tokens + self.position_embedding[start:n]  # (B, n - start, D)
+        if self.local_window:
+            h = h + self.embed_window(x, start, n)
         if self.class_embedding is not None:
             if y is None:
                 raise ValueError("this PixelTransformer is class-conditional: pass labels y")
