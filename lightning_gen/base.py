@@ -43,12 +43,13 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import Tensor, nn
 
@@ -165,7 +166,9 @@ class GenerativeModule(L.LightningModule):
         data_shape: shape of one example: (C, H, W) for images, (D,) for vectors.
         learning_rate: AdamW learning rate (None: the family's ``DEFAULT_LEARNING_RATE``).
         weight_decay: AdamW weight decay.
-        lr_schedule: ``"constant"`` or ``"cosine"`` (cosine decay to 0 over the whole fit).
+        lr_schedule: ``"constant"`` or ``"cosine"`` (cosine decay to 0 over the whole fit: over
+            its steps when max_steps or max_epochs bound it, else over the time of a fit bounded
+            by max_time only, following the fraction of max_time spent).
         warmup_steps: linear warm-up from 0 over this many optimizer steps.
     """
 
@@ -628,14 +631,9 @@ class GenerativeModule(L.LightningModule):
                           weight_decay=self.weight_decay)
         if self.lr_schedule == "constant" and self.warmup_steps == 0:
             return optimizer
-        estimated = self.trainer.estimated_stepping_batches  # inf when the fit has no end
-        if math.isinf(estimated):
-            if self.lr_schedule == "cosine":
-                raise ValueError("lr_schedule='cosine' needs a finite fit: set trainer max_steps or "
-                                 "max_epochs, or use lr_schedule='constant'")
-            estimated = self.warmup_steps
-        total_steps = max(int(estimated), 1)
-        schedule = learning_rate_factor(self.lr_schedule, self.warmup_steps, total_steps)
+        schedule = learning_rate_factor(self.lr_schedule, self.warmup_steps,
+                                        *schedule_horizon(self.trainer, self.lr_schedule,
+                                                          self.trainer.estimated_stepping_batches))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -681,15 +679,52 @@ def unpack_predict_batch(batch: Any) -> tuple[Tensor, Tensor | None, Tensor | No
     raise ValueError(f"a predict batch is x, (x, y) or (x, y, index), got {len(batch)} items")
 
 
-def learning_rate_factor(schedule: str, warmup_steps: int, total_steps: int):
-    """The multiplier of the base learning rate at each step: linear warm-up, then the schedule."""
+def learning_rate_factor(schedule: str, warmup_steps: int, total_steps: int,
+                         time_spent: Callable[[], float] | None = None):
+    """The multiplier of the base learning rate at each step: linear warm-up, then the schedule.
+
+    With ``time_spent`` (a fit bounded by time only) the cosine follows its fraction of the time
+    budget spent, warm-up included, instead of the steps.
+    """
 
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         if schedule == "constant":
             return 1.0
-        progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if time_spent is not None:
+            progress = time_spent()
+        else:
+            progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
     return factor
+
+
+def schedule_horizon(trainer: L.Trainer, schedule: str,
+                     total_steps: float) -> tuple[int, Callable[[], float] | None]:
+    """What a schedule spans: (optimizer steps of the fit, None), or for a fit with no step bound
+    (``total_steps`` inf) that max_time bounds, (1, the fraction of max_time spent). A cosine
+    needs one of the two; warm-up alone does not."""
+    if not math.isinf(total_steps):
+        return max(int(total_steps), 1), None
+    time_spent = fraction_of_max_time(trainer)
+    if schedule == "cosine" and time_spent is None:
+        raise ValueError("lr_schedule='cosine' needs a finite fit: set trainer max_steps, "
+                         "max_epochs or max_time, or use lr_schedule='constant'")
+    return 1, time_spent
+
+
+def fraction_of_max_time(trainer: L.Trainer) -> Callable[[], float] | None:
+    """For a fit with trainer ``max_time``: a function giving the fraction of that time spent so
+    far (Lightning's ``Timer``, which stops the fit, counts it: validation included, and resumed
+    across a checkpoint); None without max_time."""
+    timer = next((callback for callback in trainer.callbacks if isinstance(callback, Timer)), None)
+    if timer is None or timer.time_remaining() is None:
+        return None
+
+    def fraction() -> float:
+        elapsed = timer.time_elapsed()
+        return elapsed / max(elapsed + timer.time_remaining(), 1e-9)
+
+    return fraction

@@ -116,6 +116,26 @@ def test_learning_rate_schedules_step_with_their_optimizers(tmp_path):
     assert optimizer_g.param_groups[0]["lr"] == pytest.approx(1e-3 * 2 / 4)
 
 
+@pytest.mark.parametrize("lr_schedule", ["constant", "cosine"])
+def test_schedules_of_a_fit_bounded_by_time_only(tmp_path, lr_schedule):
+    """max_time without max_steps (the laptop preset): the warm-up runs, and a cosine decays
+    both optimizers' rates with the time spent, to about 0 when the fit stops."""
+    import lightning as L
+
+    model = GAN((2,), lr_schedule=lr_schedule, warmup_steps=2, generator_learning_rate=1e-3,
+                discriminator_learning_rate=2e-3, **TINY_TOY)
+    trainer = L.Trainer(default_root_dir=tmp_path, accelerator="cpu", max_epochs=-1,
+                        max_time={"seconds": 2}, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, limit_val_batches=0, enable_model_summary=False)
+    trainer.fit(model, datamodule=toy_data())
+    assert trainer.global_step > 10
+    rates = [optimizer.param_groups[0]["lr"] for optimizer in trainer.optimizers]
+    if lr_schedule == "constant":
+        assert rates == [pytest.approx(1e-3), pytest.approx(2e-3)]
+    else:
+        assert rates[0] < 0.2e-3 and rates[1] < 0.4e-3
+
+
 # ------------------------------------------------------------------------------------- losses
 def test_adversarial_losses_match_their_formulas():
     real, fake = torch.tensor([2.0, -1.0, 0.5]), torch.tensor([0.3, -2.0, 1.5])

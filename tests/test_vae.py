@@ -132,6 +132,39 @@ def test_learning_rate_schedules():
     assert learning_rate_factor("constant", 0, 100)(50) == 1.0
 
 
+def test_cosine_over_a_fit_bounded_by_time_follows_the_time_spent():
+    """With max_time only (the laptop presets), the cosine decays with the fraction of the time
+    budget spent: from the full rate to about 0 when the Timer stops the fit."""
+    import lightning as L
+
+    from datamodules import ToyDataModule
+
+    class RecordRates(L.Callback):
+        def __init__(self):
+            self.rates, self.spent = [], []
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            timer = next(c for c in trainer.callbacks if isinstance(c, L.pytorch.callbacks.Timer))
+            self.rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+            self.spent.append(timer.time_elapsed() / (timer.time_elapsed() + timer.time_remaining()))
+
+    data = ToyDataModule("moons", num_train=64, num_val=16, num_test=16, batch_size=16)
+    record = RecordRates()
+    trainer = L.Trainer(accelerator="cpu", max_epochs=-1, max_time={"seconds": 3}, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0,
+                        callbacks=[record])
+    trainer.fit(VAE((2,), network="mlp", hidden_dims=(8,), learning_rate=1e-3, lr_schedule="cosine"),
+                datamodule=data)
+    rates, spent = torch.tensor(record.rates), torch.tensor(record.spent)
+    assert len(rates) > 20
+    assert rates[0] == pytest.approx(1e-3, rel=0.05) and rates[-1] < 0.1e-3
+    assert torch.all(rates[1:] <= rates[:-1])
+    # each step's rate is the cosine at the time spent when the previous step ended
+    expected = 0.5e-3 * (1 + torch.cos(torch.pi * spent.clamp(max=1)))
+    assert torch.all(rates[1:] >= expected[1:] - 1e-9)  # set before this step began
+    assert torch.all(rates[2:] <= expected[1:-1] + 1e-9)  # ... after the one before it began
+
+
 def test_warmup_with_an_endless_fit_and_cosine_needs_an_end(tmp_path):
     import lightning as L
 

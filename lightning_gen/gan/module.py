@@ -49,7 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_gen import checks
-from lightning_gen.base import GenerativeModule, adamw, learning_rate_factor
+from lightning_gen.base import GenerativeModule, adamw, learning_rate_factor, schedule_horizon
 from lightning_gen.gan.losses import (
     check_loss,
     discriminator_loss,
@@ -287,22 +287,25 @@ class GAN(GenerativeModule):
                             betas=self.discriminator_betas, weight_decay=self.weight_decay)
         if self.lr_schedule == "constant" and self.warmup_steps == 0:
             return [optimizer_g, optimizer_d]
-        total_batches = self.total_training_batches()
+        total_batches = self.total_training_batches()  # inf for a fit with no step bound
         schedulers = [
-            torch.optim.lr_scheduler.LambdaLR(optimizer_g, learning_rate_factor(
-                self.lr_schedule, self.warmup_steps, max(total_batches // self.n_critic, 1))),
-            torch.optim.lr_scheduler.LambdaLR(optimizer_d, learning_rate_factor(
-                self.lr_schedule, self.warmup_steps, total_batches)),
+            torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor(
+                self.lr_schedule, self.warmup_steps,
+                *schedule_horizon(self.trainer, self.lr_schedule, steps)))
+            for optimizer, steps in [(optimizer_g, total_batches / self.n_critic // 1
+                                      if math.isfinite(total_batches) else total_batches),
+                                     (optimizer_d, total_batches)]
         ]
         return [optimizer_g, optimizer_d], schedulers
 
-    def total_training_batches(self) -> int:
-        """Training batches in the whole fit. Under manual optimization the Trainer's step count
-        (max_steps, global_step) counts every optimizer step: 1 + 1 / n_critic per batch."""
+    def total_training_batches(self) -> float:
+        """Training batches in the whole fit (inf when no step or epoch count bounds it). Under
+        manual optimization the Trainer's step count (max_steps, global_step) counts every
+        optimizer step: 1 + 1 / n_critic per batch."""
         trainer = self.trainer
         if trainer.max_steps > 0:
             return max(math.ceil(trainer.max_steps / (1 + 1 / self.n_critic)), 1)
-        return max(int(trainer.estimated_stepping_batches), 1)
+        return max(trainer.estimated_stepping_batches, 1)
 
     # ------------------------------------------------------------------------------- sampling
     def averaged_network(self) -> tuple[nn.Module, ExponentialMovingAverage | None]:
