@@ -285,8 +285,8 @@ class PixelCNN(AutoregressiveModule):
         head_channels: channels of the 1x1 output layers.
         dilations: dilation of the k x k convolutions of the layers after the first, cycled over
             them ([1, 2, 4]: 1, 2, 4, 1, 2, ...): the receptive field grows by dilation * (k // 2)
-            rows per layer at the same cost per training step (sampling runs on the taller field,
-            so it costs more). Default [1]: undilated.
+            rows per layer at the same cost per step (training and cached sampling; only
+            ``use_cache=False`` sampling runs on the taller field). Default [1]: undilated.
         options: as keywords, AutoregressiveModule's (num_levels, dynamic_binarization,
             num_classes: a learned bias per layer, predict_*) and GenerativeModule's optimizer
             options.

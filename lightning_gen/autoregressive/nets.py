@@ -12,7 +12,7 @@ B). Every network here returns, at each position, logits that depend only on ear
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -110,7 +110,7 @@ class MaskedConv2d(nn.Conv2d):
     not). The forward pass convolves with the rows and columns of the kernel the mask keeps
     only (a 3 x 3 vertical_B kernel is a 2 x 3 convolution, a 1 x 3 horizontal one 1 x 2), padded
     so that the result equals the full masked convolution: a third or more of the multiply-adds
-    of every k x k and 1 x k layer saved. The parameter keeps the full kernel shape.
+    of every k x k and 1 x k layer (k > 1) saved. The parameter keeps the full kernel shape.
     """
 
     def __init__(
@@ -134,9 +134,10 @@ class MaskedConv2d(nn.Conv2d):
         self.register_buffer("mask", mask, persistent=False)
         # the kernel's rows r0..r1 and columns c0..c1 that the mask keeps (all if it keeps none)
         kept = mask.flatten(0, 1).any(0)  # (kH, kW)
-        rows, columns = (kept.any(1), kept.any(0)) if kept.any() else (kept[:, 0] | True, kept[0] | True)
-        r0, r1 = int(rows.nonzero().min()), int(rows.nonzero().max())
-        c0, c1 = int(columns.nonzero().min()), int(columns.nonzero().max())
+        if not kept.any():  # a 1x1 type A layer of one data channel sees nothing: keep its shape
+            kept = torch.ones_like(kept)
+        rows, columns = kept.any(1).nonzero(), kept.any(0).nonzero()
+        r0, r1, c0, c1 = int(rows.min()), int(rows.max()), int(columns.min()), int(columns.max())
         self.kept_rows, self.kept_columns = slice(r0, r1 + 1), slice(c0, c1 + 1)
         # output (i, j) reads input (i + dilation (a - centre), ...) at kernel row a: pad (or,
         # where negative, crop) so the kept taps meet the same inputs with no further padding
@@ -332,7 +333,7 @@ class PixelCNNCache:
     values before ``position`` final), equal to ``network(to_input(images), y)`` at that value.
     """
 
-    def __init__(self, network: PixelCNNNet, to_input) -> None:
+    def __init__(self, network: PixelCNNNet, to_input: Callable[[Tensor], Tensor]) -> None:
         self.network = network
         self.to_input = to_input  # images [0, 1] -> the network's input space (elementwise)
         self.next_pixel = 0  # pixels before it have their final activations in every layer
@@ -366,7 +367,9 @@ class PixelCNNCache:
             # per block: ReLU(reduce(ReLU(input))), which its k x k convolution reads
             self.maps = [images.new_zeros(B, block.conv.in_channels, H, W) for block in blocks]
 
-    def input_rows(self, images: Tensor, start: int, stop: int) -> Tensor:
+    def input_rows(self, images: Tensor, start: int, stop: int) -> tuple[Tensor, int]:
+        """Rows start..stop-1 of the images (from row 0 where start < 0) in the network's input
+        space, and the first row's index."""
         start = max(start, 0)
         return self.to_input(images[:, :, start:stop]), start
 
