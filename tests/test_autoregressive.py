@@ -241,24 +241,37 @@ def test_local_window_sources_are_the_earlier_values_around_a_pixel():
     assert all(v < t for t in range(12) for v in rgb[t, t % 3].tolist())  # only earlier values
 
 
-@pytest.mark.parametrize("local_window", [0, 3])
-def test_cached_transformer_sampling_equals_uncached(local_window):
+CACHED_SAMPLERS = {
+    "pixeltransformer": lambda: tiny_transformer((1, 6, 6), num_levels=4, num_classes=3),
+    "pixeltransformer_local": lambda: tiny_transformer((1, 6, 6), num_levels=4, num_classes=3,
+                                                       local_window=3),
+    "pixelcnn_gated": lambda: tiny_pixelcnn((3, 5, 5), gated=True, num_levels=4, num_classes=3,
+                                            dilations=[1, 2]),
+    "pixelcnn_plain": lambda: tiny_pixelcnn((3, 5, 5), gated=False, num_levels=4, num_classes=3,
+                                            dilations=[1, 2]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CACHED_SAMPLERS))
+def test_cached_sampling_equals_uncached(name):
     torch.manual_seed(0)
-    model = tiny_transformer((1, 6, 6), num_levels=4, num_classes=3, local_window=local_window).eval()
+    model = CACHED_SAMPLERS[name]().eval()
+    C, H, W = model.data_shape
     y = torch.tensor([0, 1, 2, 1, 0])
     torch.manual_seed(5)
-    cached = model.sample(5, y=y, use_cache=True)
+    cached = model.sample(5, y=y)  # the cache is the default
     torch.manual_seed(5)
     uncached = model.sample(5, y=y, use_cache=False)
     assert torch.equal(cached, uncached)
     assert cached.unique().numel() > 1
-    # completion: a given prefix goes through the cache in one chunk, later values one by one
-    x = torch.rand(5, 1, 6, 6)
-    mask = torch.zeros(1, 6, 6, dtype=torch.bool)
+    # completion: a given prefix at once, later values one by one, and a given island after
+    # missing values (in RGB, green and blue given where red is drawn)
+    x = torch.rand(5, C, H, W)
+    mask = torch.zeros(C, H, W, dtype=torch.bool)
     mask[:, :2] = True
-    mask[:, 4, 1:3] = True  # a given island after missing values
+    mask[C // 2:, 3, 1:3] = True
     torch.manual_seed(6)
-    cached = model.complete(x, mask=mask, y=y, use_cache=True)
+    cached = model.complete(x, mask=mask, y=y)
     torch.manual_seed(6)
     uncached = model.complete(x, mask=mask, y=y, use_cache=False)
     assert torch.equal(cached, uncached)
@@ -300,29 +313,6 @@ def test_pixelcnn_cache_logits_equal_full_forward(gated, channels, dilations, cl
                 row, column, channel = position // (W * C), (position // C) % W, position % C
                 torch.testing.assert_close(model.next_logits(images, position, y, cache),
                                            full[:, :, channel, row, column], atol=1e-12, rtol=0)
-
-
-@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
-def test_cached_pixelcnn_sampling_equals_uncached(gated):
-    torch.manual_seed(0)
-    model = tiny_pixelcnn((3, 5, 5), gated=gated, num_levels=4, num_classes=3,
-                          dilations=[1, 2]).eval()
-    y = torch.tensor([0, 1, 2, 1])
-    torch.manual_seed(5)
-    cached = model.sample(4, y=y)  # the cache is the default
-    torch.manual_seed(5)
-    uncached = model.sample(4, y=y, use_cache=False)
-    assert torch.equal(cached, uncached)
-    assert cached.unique().numel() > 1
-    x = torch.rand(4, 3, 5, 5)
-    mask = torch.zeros(3, 5, 5, dtype=torch.bool)
-    mask[:, :2] = True
-    mask[1:, 3, 1:3] = True  # given green and blue values of pixels whose red is drawn
-    torch.manual_seed(6)
-    cached = model.complete(x, mask=mask, y=y)
-    torch.manual_seed(6)
-    uncached = model.complete(x, mask=mask, y=y, use_cache=False)
-    assert torch.equal(cached, uncached)
 
 
 @pytest.mark.parametrize("gated,channels,first_kernel_size,kernel_size,dilations",
