@@ -396,8 +396,6 @@ class PixelTransformer(AutoregressiveModule):
         if model_dim % num_heads:
             raise ValueError(f"model_dim ({model_dim}) must be a multiple of num_heads ({num_heads})")
         checks.fraction(dropout=dropout)
-        if not isinstance(local_window, int) or local_window < 0 or (local_window and local_window % 2 == 0):
-            raise ValueError(f"local_window must be 0 (none) or a positive odd int, got {local_window!r}")
         self.network = PixelTransformerNet(math.prod(self.data_shape), self.num_levels, model_dim,
                                            num_layers, num_heads, dropout, self.num_classes,
                                            self.data_shape, local_window)

@@ -459,8 +459,8 @@ def local_window_sources(image_shape: Sequence[int], window: int) -> Tensor:
     The table is per channel c, not per t's own channel only, so that gathering it by each
     position's channel is one index.
     """
-    if window < 1 or window % 2 == 0:
-        raise ValueError(f"local_window must be a positive odd int (0: none), got {window}")
+    if not isinstance(window, int) or window < 1 or window % 2 == 0:
+        raise ValueError(f"local_window must be 0 (none) or a positive odd int, got {window!r}")
     C, H, W = image_shape
     half = window // 2
     offsets = torch.arange(-half, half + 1)

@@ -292,8 +292,8 @@ class GAN(GenerativeModule):
             torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor(
                 self.lr_schedule, self.warmup_steps,
                 *schedule_horizon(self.trainer, self.lr_schedule, steps)))
-            for optimizer, steps in [(optimizer_g, total_batches / self.n_critic // 1
-                                      if math.isfinite(total_batches) else total_batches),
+            for optimizer, steps in [(optimizer_g, total_batches // self.n_critic
+                                      if math.isfinite(total_batches) else math.inf),
                                      (optimizer_d, total_batches)]
         ]
         return [optimizer_g, optimizer_d], schedulers
