@@ -43,6 +43,9 @@ BUILDERS = {
     "pixelcnn_plain": lambda shape, **o: tiny_pixelcnn(shape, gated=False, **o),
     "pixeltransformer": tiny_transformer,
     "pixeltransformer_local": lambda shape, **o: tiny_transformer(shape, local_window=3, **o),
+    "pixeltransformer_tokens": lambda shape, **o: tiny_transformer(shape, token_size=2, **o),
+    "pixeltransformer_tokens_local": lambda shape, **o: tiny_transformer(shape, token_size=4,
+                                                                         local_window=3, **o),
 }
 
 
@@ -245,6 +248,8 @@ CACHED_SAMPLERS = {
     "pixeltransformer": lambda: tiny_transformer((1, 6, 6), num_levels=4, num_classes=3),
     "pixeltransformer_local": lambda: tiny_transformer((1, 6, 6), num_levels=4, num_classes=3,
                                                        local_window=3),
+    "pixeltransformer_tokens": lambda: tiny_transformer((3, 5, 5), num_levels=4, num_classes=3,
+                                                        token_size=4, local_window=3),
     "pixelcnn_gated": lambda: tiny_pixelcnn((3, 5, 5), gated=True, num_levels=4, num_classes=3,
                                             dilations=[1, 2]),
     "pixelcnn_plain": lambda: tiny_pixelcnn((3, 5, 5), gated=False, num_levels=4, num_classes=3,
@@ -277,10 +282,27 @@ def test_cached_sampling_equals_uncached(name):
     assert torch.equal(cached, uncached)
 
 
-@pytest.mark.parametrize("local_window", [0, 3])
-def test_cached_logits_equal_full_forward(local_window):
+@pytest.mark.parametrize("token_size, tokens", [(1, 36), (4, 9), (5, 8)])
+def test_blocks_attend_over_one_token_per_token_size_values(token_size, tokens):
+    """The attention's sequence is ceil(T / token_size) long (the last token shorter when the size
+    does not divide T), in training and in a cached sampling run, which is where the cost goes."""
     torch.manual_seed(0)
-    network = tiny_transformer((1, 4, 4), num_levels=3, local_window=local_window).network.eval()
+    model = tiny_transformer((1, 6, 6), token_size=token_size, local_window=3)
+    lengths = []
+    model.network.blocks[0].register_forward_hook(lambda module, args, output: lengths.append(output.shape[1]))
+    model(torch.rand(2, 1, 6, 6))
+    assert lengths == [tokens]
+    lengths.clear()
+    model.eval().sample(2)
+    assert len(lengths) == tokens and set(lengths) == {1}  # one new token per step, each once
+
+
+@pytest.mark.parametrize("token_size", [1, 3])
+@pytest.mark.parametrize("local_window", [0, 3])
+def test_cached_logits_equal_full_forward(local_window, token_size):
+    torch.manual_seed(0)
+    network = tiny_transformer((1, 4, 4), num_levels=3, local_window=local_window,
+                               token_size=token_size).network.eval()
     x = torch.randint(3, (2, 16)).float() / 2  # (B, T)
     full = network(x)  # (B, T, K)
     cache = network.new_cache()
@@ -455,6 +477,9 @@ def test_bad_arguments():
     for local_window in (-1, 2):
         with pytest.raises(ValueError, match="local_window must be 0"):
             PixelTransformer((1, 4, 4), local_window=local_window)
+    for token_size in (0, 2.5, True):
+        with pytest.raises(ValueError, match="token_size must be a positive int"):
+            PixelTransformer((1, 4, 4), token_size=token_size)
     for dilations in ([], [0], [1, 2.5]):
         with pytest.raises(ValueError, match="dilations must be a non-empty list of positive ints"):
             PixelCNN((1, 4, 4), dilations=dilations)

@@ -35,8 +35,9 @@ def single_thread():
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_family_trains_samples_and_scores_any_image_shape(family, shape, tmp_path):
     if family == "pixeltransformer" and shape == (3, 64, 64):
-        with pytest.raises(ValueError, match="max_positions=4096"):
+        with pytest.raises(ValueError, match="12288 tokens .* max_positions=4096.*token_size"):
             PixelTransformer(shape)
+        assert PixelTransformer(shape, model_dim=8, num_heads=2, token_size=4).network.num_tokens == 3072
         return
     torch.manual_seed(0)
     model = FAMILIES[family](shape)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_gen.autoregressive.nets import PixelCNNCache, PixelCNNNet, PixelTransformerNet
+from lightning_gen.autoregressive.nets import PixelCNNCache, PixelCNNNet, PixelTransformerNet, token_count
 from lightning_gen import checks
 from lightning_gen.base import GenerativeModule
 
@@ -357,18 +357,24 @@ class PixelTransformer(AutoregressiveModule):
         num_layers: transformer blocks.
         num_heads: attention heads.
         dropout: dropout on embeddings, attention and MLP outputs (training only).
-        max_positions: the longest sequence C*H*W accepted (4096: a (3, 32, 32) image is 3072;
-            attention's time and memory grow with its square, so a (3, 64, 64) image, 12,288
-            values, needs it raised on purpose).
+        max_positions: the most tokens accepted (4096: a (3, 32, 32) image is 3072 tokens of
+            one value; attention's time and memory grow with its square, so a (3, 64, 64) image,
+            12,288 values, needs a token_size of 3 or more, or this raised on purpose).
         local_window: k > 0 adds to each position's input a linear map of the earlier values in
             the k x k pixels centred on its own (odd k; 0: none, the plain ImageGPT-style input).
+        token_size: g consecutive values of the raster sequence per token (1: one value per
+            token). The blocks attend over ceil(C*H*W / g) tokens, about 1/g^2 the attention
+            cost, and a per-value head draws each value from its token's context and the values
+            before it in its token (and its local window): ``PixelTransformerNet``. The
+            likelihood stays exact over the value sequence.
         options: as keywords, AutoregressiveModule's (num_levels, dynamic_binarization,
             num_classes: a learned embedding added at every position, predict_*) and
             GenerativeModule's optimizer options.
 
-    ``sample(n, use_cache=True)``: with the cache each new value costs one token step through
-    the blocks (attention over the cached keys/values); ``use_cache=False`` recomputes the whole
-    prefix at every step (the reference the cache must match, and the speed baseline).
+    ``sample(n, use_cache=True)``: with the cache each new token costs one step through the
+    blocks (attention over the cached keys/values) and each new value one pass of the per-value
+    head; ``use_cache=False`` recomputes the whole prefix at every step (the reference the cache
+    must match, and the speed baseline).
     """
 
     DEFAULT_LEARNING_RATE = 3e-4
@@ -382,23 +388,26 @@ class PixelTransformer(AutoregressiveModule):
         dropout: float = 0.0,
         max_positions: int = 4096,
         local_window: int = 0,
+        token_size: int = 1,
         **options: Any,
     ) -> None:
         super().__init__(data_shape, **options)
         self.save_hyperparameters(ignore=self.EVALUATION_OPTIONS)
         checks.at_least(1, model_dim=model_dim, num_layers=num_layers, num_heads=num_heads)
-        if self.num_dims > max_positions:
-            raise ValueError(
-                f"PixelTransformer attends over C*H*W = {self.num_dims} values of {self.data_shape} "
-                f"images, more than max_positions={max_positions} (attention cost grows with its "
-                f"square): use smaller images (--data.init_args.image_size) or raise "
-                f"--model.init_args.max_positions")
         if model_dim % num_heads:
             raise ValueError(f"model_dim ({model_dim}) must be a multiple of num_heads ({num_heads})")
         checks.fraction(dropout=dropout)
+        num_tokens = token_count(self.num_dims, token_size)
+        if num_tokens > max_positions:
+            raise ValueError(
+                f"PixelTransformer attends over {num_tokens} tokens (C*H*W = "
+                f"{self.num_dims} values of {self.data_shape} images, {token_size} per token), more "
+                f"than max_positions={max_positions} (attention cost grows with its square): raise "
+                f"--model.init_args.token_size, use smaller images (--data.init_args.image_size) or "
+                f"raise --model.init_args.max_positions")
         self.network = PixelTransformerNet(math.prod(self.data_shape), self.num_levels, model_dim,
                                            num_layers, num_heads, dropout, self.num_classes,
-                                           self.data_shape, local_window)
+                                           self.data_shape, local_window, token_size)
 
     @staticmethod
     def to_sequence(x: Tensor) -> Tensor:

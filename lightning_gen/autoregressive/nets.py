@@ -434,6 +434,10 @@ class KeyValueCache:
         self.keys: list[Tensor | None] = [None] * num_layers
         self.values: list[Tensor | None] = [None] * num_layers
         self.length = 0  # positions cached in every layer
+        # PixelTransformerNet's own progress: values whose logits were returned, and the output
+        # of the blocks at each token so far (tokens of several values: ``token_size`` > 1)
+        self.values_returned = 0
+        self.contexts: Tensor | None = None
 
     def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store the new keys/values (B, heads, n, head_dim) of a layer; return all so far."""
@@ -478,6 +482,14 @@ def local_window_sources(image_shape: Sequence[int], window: int) -> Tensor:
         tables.append(torch.where(allowed, index, torch.full_like(index, -1)))
     per_pixel = torch.stack(tables, dim=1)  # (H W, C, S)
     return per_pixel.repeat_interleave(C, dim=0)  # (T, C, S): the C positions of a pixel alike
+
+
+def token_count(sequence_length: int, token_size: int) -> int:
+    """The tokens of a sequence cut into tokens of ``token_size`` values, the last one shorter
+    when the size does not divide the length: ceil(sequence_length / token_size)."""
+    if not isinstance(token_size, int) or isinstance(token_size, bool) or token_size < 1:
+        raise ValueError(f"token_size must be a positive int (values per token), got {token_size!r}")
+    return -(-sequence_length // token_size)
 
 
 class CausalSelfAttention(nn.Module):
@@ -545,6 +557,18 @@ class PixelTransformerNet(nn.Module):
     the k x k pixels around its own (a type-A masked convolution's view, as PixelCNN's first
     layer): the pixel above and its neighbours arrive as input, where attention would have to
     learn to find them W positions back (``local_window_sources``).
+
+    ``token_size`` g > 1 makes each token g consecutive values (the last token may be shorter):
+    the blocks run over ceil(T / g) tokens, so attention costs about 1/g^2 and the blocks' MLPs
+    1/g of the one-value-per-token network. Token j's input is the previous token's g values
+    (the sum of a level embedding per offset in the token), so its output, the context, depends
+    on the values of tokens < j only. Value t of token j = t // g then gets its logits from a
+    per-value head: the context of token j, plus an embedding of its offset t - j g, plus a
+    level embedding of each value of its token before it per pair of offsets
+    (``token_prefix``), plus the local window when ``local_window`` > 0, through a residual GELU
+    MLP. The order and the exact likelihood are those of the value sequence; the head is what
+    sees the values of t's own token. The token tables hold g K and g^2 K embeddings: meant for
+    a few levels (K = 2) or a few values per token.
     """
 
     def __init__(
@@ -558,11 +582,14 @@ class PixelTransformerNet(nn.Module):
         num_classes: int | None = None,
         image_shape: Sequence[int] | None = None,
         local_window: int = 0,
+        token_size: int = 1,
     ) -> None:
         super().__init__()
         self.sequence_length = sequence_length
         self.num_levels = num_levels
         self.local_window = local_window
+        self.token_size = token_size
+        self.num_tokens = token_count(sequence_length, token_size)
         if local_window:
             if image_shape is None:
                 raise ValueError("local_window needs the image_shape (C, H, W) of the sequence")
@@ -572,11 +599,23 @@ class PixelTransformerNet(nn.Module):
             self.window_embedding = nn.Parameter(torch.randn(sources.shape[1], sources.shape[2], model_dim) * 0.02)
         self.level_embedding = nn.Parameter(torch.randn(num_levels, model_dim) * 0.02)
         self.start_token = nn.Parameter(torch.randn(model_dim) * 0.02)
-        self.position_embedding = nn.Parameter(torch.randn(sequence_length, model_dim) * 0.02)
+        self.position_embedding = nn.Parameter(torch.randn(self.num_tokens, model_dim) * 0.02)
         self.class_embedding = nn.Embedding(num_classes, model_dim) if num_classes else None
         self.dropout = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(TransformerBlock(model_dim, num_heads, dropout)
                                     for _ in range(num_layers))
+        if token_size > 1:
+            g = token_size
+            # a token's input: the sum over its g offsets of a level embedding per offset
+            self.token_embedding = nn.Parameter(torch.randn(g, num_levels, model_dim) * 0.02)
+            self.offset_embedding = nn.Parameter(torch.randn(g, model_dim) * 0.02)
+            # prefix_embedding[i, i']: the level embedding of the value at offset i' < i as seen
+            # by the head of offset i (entries with i' >= i are masked out)
+            self.prefix_embedding = nn.Parameter(torch.randn(g, g, num_levels, model_dim) * 0.02)
+            self.register_buffer("prefix_mask", torch.ones(g, g).tril(-1), persistent=False)
+            self.value_norm = nn.LayerNorm(model_dim)
+            self.value_mlp = nn.Sequential(nn.Linear(model_dim, 4 * model_dim), nn.GELU(),
+                                           nn.Linear(4 * model_dim, model_dim))
         self.final_norm = nn.LayerNorm(model_dim)
         self.head = nn.Linear(model_dim, num_levels)
         self.apply(self._init_weights)
@@ -593,8 +632,20 @@ class PixelTransformerNet(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=0.02)
 
+    def level_weights(self, x: Tensor) -> Tensor:
+        """Values x (...) in [0, 1] -> (..., K): weights 1 - f and f on the two nearest levels
+        (one-hot on the K-level grid), so that ``level_weights(x) @ table`` interpolates the
+        table's rows linearly and stays differentiable in x."""
+        u = x.float() * (self.num_levels - 1)
+        lower = u.detach().floor().clamp(0, self.num_levels - 2)
+        fraction = (u - lower).unsqueeze(-1)  # in [0, 1] on [0, 1] inputs
+        levels = torch.arange(self.num_levels, device=x.device)
+        lower = lower.long().unsqueeze(-1)
+        return (1 - fraction) * (levels == lower) + fraction * (levels == lower + 1)
+
     def embed_values(self, x: Tensor) -> Tensor:
-        """Values (B, n) in [0, 1] -> (B, n, D), linear between the two nearest level embeddings."""
+        """Values (B, n) in [0, 1] -> (B, n, D), linear between the two nearest level embeddings
+        (a lookup, not ``level_weights``' K-wide rows, so that K = 65536 costs no more than K = 2)."""
         u = x.float() * (self.num_levels - 1)
         lower = u.detach().floor().clamp(0, self.num_levels - 2)  # (B, n)
         fraction = (u - lower).unsqueeze(-1)  # (B, n, 1), in [0, 1] on [0, 1] inputs
@@ -606,40 +657,97 @@ class PixelTransformerNet(nn.Module):
         values in the k x k window around t's pixel, zeros for the others."""
         B = x.shape[0]
         sources = self.window_sources[start:n]  # (n - start, C, S), -1: not an earlier value
-        channel = torch.arange(start, n, device=x.device) % sources.shape[1]  # (n - start,)
+        C = sources.shape[1]
+        channel = torch.arange(start, n, device=x.device) % C  # (n - start,)
         sources = sources[torch.arange(n - start, device=x.device), channel]  # (n - start, S)
         padded = torch.cat([x, x.new_zeros(B, 1)], dim=1)  # index n: the zero of missing values
-        values = padded[:, torch.where(sources < 0, n, sources)]  # (B, n - start, S)
-        weights = self.window_embedding[channel]  # (n - start, S, D)
-        return torch.einsum("bts,tsd->btd", values, weights)
+        values = padded[:, torch.where(sources < 0, n, sources)].float()  # (B, n - start, S)
+        if C == 1:
+            return values @ self.window_embedding[0]
+        # one matmul per channel's map (a gather of a map per position is slower to train, its
+        # backward an indexed accumulation), each position keeping its own channel's
+        per_channel = torch.stack([values @ self.window_embedding[c] for c in range(C)], dim=2)
+        own = channel.view(1, -1, 1, 1).expand(B, -1, 1, per_channel.shape[-1])
+        return per_channel.gather(2, own).squeeze(2)  # (B, n - start, D)
 
     def forward(self, x: Tensor, y: Tensor | None = None, cache: KeyValueCache | None = None) -> Tensor:
         """Logits (B, n - start, K) of x_start .. x_{n-1}, where x (B, n) holds the first n values
-        of the sequence (x_{n-1} itself is not read) and start = the cached length (0 without
-        a cache)."""
+        of the sequence (x_{n-1} itself is not read) and start = the number of values whose
+        logits the cache has returned (0 without a cache)."""
         B, n = x.shape
         if n > self.sequence_length:
             raise ValueError(f"sequence of {n} values is longer than {self.sequence_length}")
-        start = cache.length if cache is not None else 0
+        start = cache.values_returned if cache is not None else 0
         if not 0 <= start < n:
             raise ValueError(f"nothing new to process: {start} positions cached, sequence of {n}")
-        # inputs at positions start .. n-1: the start token at 0, x_{t-1} at t >= 1
-        tokens = self.embed_values(x[:, max(start - 1, 0): n - 1])  # (B, n - max(start, 1), D)
-        if start == 0:
-            tokens = torch.cat([self.start_token.expand(B, 1, -1), tokens], dim=1)  # (B, n, D)
-        h = tokens + self.position_embedding[start:n]  # (B, n - start, D)
+        if self.class_embedding is not None and y is None:
+            raise ValueError("this PixelTransformer is class-conditional: pass labels y")
+        if self.token_size == 1:
+            h = self.run_blocks(x, y, start, n, cache)  # (B, n - start, D), token t = value t
+            if cache is not None:
+                cache.values_returned = n
+            return self.head(self.final_norm(h))  # (B, n - start, K)
+        g = self.token_size
+        first = cache.length if cache is not None else 0  # tokens through the blocks so far
+        last = (n - 1) // g + 1  # tokens up to that of value n - 1
+        if first < last:
+            contexts = self.run_blocks(x, y, first, last, cache)  # (B, last - first, D)
+            if cache is not None:
+                if cache.contexts is None:
+                    cache.contexts = contexts.new_zeros(B, self.num_tokens, contexts.shape[-1])
+                cache.contexts[:, first:last] = contexts
+        if cache is not None:
+            contexts, first = cache.contexts, 0
+            cache.values_returned = n
+        positions = torch.arange(start, n, device=x.device)
+        h = (contexts[:, positions // g - first] + self.offset_embedding[positions % g]
+             + self.token_prefix(x, start, n))  # (B, n - start, D)
         if self.local_window:
             h = h + self.embed_window(x, start, n)
+        h = h + self.value_mlp(self.value_norm(h))
+        return self.head(self.final_norm(h))  # (B, n - start, K)
+
+    def run_blocks(self, x: Tensor, y: Tensor | None, first: int, last: int,
+                   cache: KeyValueCache | None) -> Tensor:
+        """The blocks' output (B, last - first, D) at tokens first .. last - 1 (token j: values
+        j g .. j g + g - 1), each from the tokens before it: token 0's input is the start token,
+        token j's the values of token j - 1. ``first`` must be the tokens the cache holds."""
+        B = x.shape[0]
+        g = self.token_size
+        previous = x[:, max(first - 1, 0) * g: (last - 1) * g]  # the values of tokens max(first-1, 0) .. last-2
+        if g == 1:
+            embedded = self.embed_values(previous)  # (B, last - max(first, 1), D)
+        else:  # the sum over a token's g offsets of each offset's level embedding, as one matmul
+            weights = self.level_weights(previous.reshape(B, -1, g)).flatten(2)  # (B, tokens, g K)
+            embedded = weights @ self.token_embedding.flatten(0, 1)  # (B, tokens, D)
+        if first == 0:
+            embedded = torch.cat([self.start_token.expand(B, 1, -1), embedded], dim=1)
+        h = embedded + self.position_embedding[first:last]  # (B, last - first, D)
+        if g == 1 and self.local_window:
+            h = h + self.embed_window(x, first, last)
         if self.class_embedding is not None:
-            if y is None:
-                raise ValueError("this PixelTransformer is class-conditional: pass labels y")
             h = h + self.class_embedding(y)[:, None, :]
         h = self.dropout(h)
         for layer, block in enumerate(self.blocks):
             h = block(h, cache, layer)
         if cache is not None:
-            cache.length = n
-        return self.head(self.final_norm(h))  # (B, n - start, K)
+            cache.length = last
+        return h
+
+    def token_prefix(self, x: Tensor, start: int, n: int) -> Tensor:
+        """(B, n - start, D): at each value t (offset i in its token), the sum over the values of
+        its token before it (offsets i' < i) of their level embeddings in prefix_embedding[i, i']."""
+        B = x.shape[0]
+        g = self.token_size
+        first, last = start // g, (n - 1) // g + 1  # the tokens of values start .. n - 1
+        # the values of those tokens, zeros after x_{n-1}: a value reaches only later offsets,
+        # so these zeros (and x_{n-1}) reach no logits returned here
+        values = F.pad(x[:, first * g: n], (0, last * g - n))  # (B, (last - first) g)
+        weights = self.level_weights(values.view(B, last - first, g)).flatten(2)  # (B, tokens, g K)
+        table = self.prefix_embedding * self.prefix_mask[:, :, None, None]  # (g, g, K, D), i' < i only
+        table = table.permute(1, 2, 0, 3).flatten(0, 1).flatten(1)  # (i' K, i D)
+        embedded = (weights @ table).view(B, (last - first) * g, -1)  # (B, tokens g, D)
+        return embedded[:, start - first * g: n - first * g]
 
     def new_cache(self) -> KeyValueCache:
-        return KeyValueCache(len(self.blocks), self.sequence_length)
+        return KeyValueCache(len(self.blocks), self.num_tokens)
