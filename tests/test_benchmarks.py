@@ -45,6 +45,20 @@ def test_loader_script_measures_the_cache_and_torchvision(tmp_path):
     assert len(list((tmp_path / "cache").glob("imagefolder-*.pt"))) == 1
 
 
+def test_transformer_tokens_script_times_every_token_size(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "transformer_tokens.py"), "--token-sizes", "1", "4",
+         "--batch-size", "2", "--steps", "1", "--repeats", "1", "--sample-count", "1", "--threads", "1",
+         "--output", str(tmp_path / "tokens.md")],
+        env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in (tmp_path / "tokens.md").read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| token_size")]
+    assert [(row[0].strip(), row[1].strip()) for row in rows] == [("1", "784"), ("4", "196")]
+    for row in rows:  # training and sampling ms per image: measured
+        assert float(row[3]) > 0 and float(row[4]) > 0, row
+
+
 def test_gpu_check_runs_every_part_at_a_tiny_size(tmp_path, mnist_root):
     """The prepared GPU command, at a tiny size on the CPU: every part measured, the JSON and the
     table written; a missing diffusers stops it before anything runs unless it is skipped."""
