@@ -32,6 +32,7 @@ import datetime
 import os
 import platform
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -41,6 +42,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
 from datamodules import ImageFolderDataModule
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers
+from arguments import count, count_or_zero  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 10
@@ -138,23 +142,18 @@ def time_torchvision(root: Path, num_train: int, workers: int, args: argparse.Na
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-images", type=int, default=5000)
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2],
+    parser.add_argument("--num-images", type=count, default=5000)
+    parser.add_argument("--image-size", type=count, default=32)
+    parser.add_argument("--batch-size", type=count, default=128)
+    parser.add_argument("--workers", type=count_or_zero, nargs="+", default=[0, 2],
                         help="torchvision DataLoader num_workers settings to measure")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--threads", type=count_or_zero, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--scratch", type=Path, default=REPO / "benchmarks" / "runs" / "loader",
                         help="folder for the generated images and the cache")
     parser.add_argument("--output", type=Path, default=None, help="append the table to this file")
     args = parser.parse_args()
-    for name in ("num_images", "image_size", "batch_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.num_images < 20:
         parser.error("--num-images must be >= 20 (10 classes, and val/test splits of 10% each)")
-    if any(workers < 0 for workers in args.workers):
-        parser.error("--workers must be >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
 

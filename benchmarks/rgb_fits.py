@@ -51,6 +51,9 @@ from pathlib import Path
 
 import lightning as L
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers
+from arguments import count, count_or_zero  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ("autoencoder_conv", "vae", "gan", "pixelcnn", "pixeltransformer", "realnvp", "diffusion",
             "flow_matching")
@@ -374,11 +377,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20, help="training batches per family")
     parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
-    parser.add_argument("--batch-size", type=int, default=None,
+    parser.add_argument("--batch-size", type=count, default=None,
                         help="training batch of every family (default: the per-family CPU_SETTINGS)")
-    parser.add_argument("--predict-samples", type=int, default=None,
+    parser.add_argument("--predict-samples", type=count, default=None,
                         help="samples predict draws, every family (default: the per-family CPU_SETTINGS)")
-    parser.add_argument("--warmup-steps", type=int, default=3, help="step times dropped before the median")
+    parser.add_argument("--warmup-steps", type=count_or_zero, default=3, help="step times dropped before the median")
     parser.add_argument("--val-batches", type=int, default=2, help="validation batches at the end of the fit")
     parser.add_argument("--root", type=Path, default=None,
                         help=f"the image folder (default: the loader benchmark's {LOADER_IMAGES}-image folder "
@@ -390,17 +393,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds each command may take")
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
-    for name in ("batch_size", "predict_samples"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
     # The command line reads "1" for val_check_interval and limit_val_batches as the float 1.0
     # (a whole epoch, all the batches), so both start at 2.
     for name in ("steps", "val_batches"):
         if getattr(args, name) < 2:
             parser.error(f"--{name.replace('_', '-')} must be >= 2 (the Trainer would read 1 as 100%)")
-    if args.warmup_steps < 0:
-        parser.error("--warmup-steps must be >= 0")
 
     started_at = time.perf_counter()
     started = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")

@@ -57,7 +57,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import FAMILIES, StepTimer, build, check_counts_and_threads, device_batches, plain_throughput
+from arguments import count, count_or_zero
+from throughput import FAMILIES, StepTimer, apply_threads, build, device_batches, plain_throughput
 
 from datamodules import MNISTDataModule
 from lightning_gen.base import adamw
@@ -351,21 +352,21 @@ def main() -> None:
     parser.add_argument("--families", nargs="*", default=list(FAMILIES), choices=list(FAMILIES),
                         help="families to measure (none: the bare rows only)")
     parser.add_argument("--size", choices=("tiny", "small", "config"), default="tiny")
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=200, help="timed training steps")
-    parser.add_argument("--warmup-steps", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=5, help="alternating timings; medians kept")
-    parser.add_argument("--log-every-n-steps", type=int, default=50)
+    parser.add_argument("--batch-size", type=count, default=2)
+    parser.add_argument("--steps", type=count, default=200, help="timed training steps")
+    parser.add_argument("--warmup-steps", type=count, default=20)
+    parser.add_argument("--repeats", type=count, default=5, help="alternating timings; medians kept")
+    parser.add_argument("--log-every-n-steps", type=count, default=50)
     parser.add_argument("--no-bare", action="store_true", help="skip the bare LightningModule rows")
     parser.add_argument("--count-calls", action="store_true",
                         help="count Python calls per step (cProfile) instead of timing: load-independent")
     parser.add_argument("--attribution", action="store_true",
                         help="also time each family under Lightning alone (without_project_steps)")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument("--threads", type=count_or_zero, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--output", type=Path, default=None, help="append the table to this file")
     parser.add_argument("--json", type=Path, default=None, help="write the rows as JSON here")
     args = parser.parse_args()
-    check_counts_and_threads(parser, args, ("batch_size", "steps", "warmup_steps", "repeats", "log_every_n_steps"))
+    apply_threads(args.threads)
     # Lightning's start-up messages and the CLI's warning about sys.argv (this script's own
     # arguments) would repeat for every run.
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)

@@ -27,6 +27,7 @@ import datetime
 import importlib
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -38,6 +39,9 @@ from datamodules import MNISTDataModule
 from datamodules.device import DeviceBatches
 from datamodules.mnist import images_to_batch
 from lightning_gen.callbacks import SpeedOptions
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers
+from arguments import count, count_or_zero  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -129,15 +133,10 @@ def speed_options(args) -> SpeedOptions:
     return SpeedOptions(compile=args.compile, channels_last=args.channels_last)
 
 
-def check_counts_and_threads(parser: argparse.ArgumentParser, args: argparse.Namespace,
-                             counts: tuple[str, ...]) -> None:
-    """Stop with a usage error when a count option is below 1; apply ``--threads`` (0: torch's
-    default)."""
-    for name in counts:
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def apply_threads(threads: int) -> None:
+    """``--threads``: torch's CPU threads (0: torch's default)."""
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def plain_throughput(model, images, labels, args, device) -> float:
@@ -197,19 +196,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     parser.add_argument("--size", choices=("small", "config"), default="small")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=10, help="timed training steps")
-    parser.add_argument("--warmup-steps", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=3, help="alternating timings; medians kept")
-    parser.add_argument("--sample-count", type=int, default=16)
+    parser.add_argument("--batch-size", type=count, default=32)
+    parser.add_argument("--steps", type=count, default=10, help="timed training steps")
+    parser.add_argument("--warmup-steps", type=count, default=3)
+    parser.add_argument("--repeats", type=count, default=3, help="alternating timings; medians kept")
+    parser.add_argument("--sample-count", type=count, default=16)
     parser.add_argument("--compile", action="store_true", help="torch.compile the networks (SpeedOptions)")
     parser.add_argument("--channels-last", action="store_true", help="channels_last weights (SpeedOptions)")
     parser.add_argument("--precision", default="32-true", choices=("32-true", "bf16-mixed"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument("--threads", type=count_or_zero, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--output", type=Path, default=None, help="append the table to this file")
     args = parser.parse_args()
-    check_counts_and_threads(parser, args, ("batch_size", "steps", "warmup_steps", "sample_count", "repeats"))
+    apply_threads(args.threads)
     device = torch.device(args.device)
 
     data = MNISTDataModule(download=True)

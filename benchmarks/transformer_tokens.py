@@ -24,6 +24,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers
+from arguments import count, count_or_zero  # noqa: E402
 
 from lightning_gen import PixelTransformer  # noqa: E402
 
@@ -65,19 +67,14 @@ def seconds_to_sample(model: PixelTransformer, count: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "cpu" / "pixeltransformer_mnist.yaml")
-    parser.add_argument("--token-sizes", type=int, nargs="+", default=[1, 4, 7])
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=5, help="timed training steps per repeat")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--sample-count", type=int, default=16, help="images sampled per repeat (0: no sampling)")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument("--token-sizes", type=count, nargs="+", default=[1, 4, 7])
+    parser.add_argument("--batch-size", type=count, default=32)
+    parser.add_argument("--steps", type=count, default=5, help="timed training steps per repeat")
+    parser.add_argument("--repeats", type=count, default=3)
+    parser.add_argument("--sample-count", type=count_or_zero, default=16, help="images sampled per repeat (0: no sampling)")
+    parser.add_argument("--threads", type=count_or_zero, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--output", type=Path, default=None, help="append the table to this file")
     args = parser.parse_args()
-    for name in ("batch_size", "steps", "repeats"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.sample_count < 0:
-        parser.error("--sample-count must be >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -123,3 +123,31 @@ def test_rgb_fits_script_fits_and_predicts_through_the_command_line(tmp_path):
     tile = pixels[2:34, 2:34]  # the first sample (the grid pads with 2 white pixels)
     assert tile.shape == (32, 32, 3) and tile.std() > 0
     assert (tmp_path / "scratch" / "vae" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_count_options_refuse_zero_and_non_integers_at_parsing():
+    import argparse
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from arguments import count, count_or_zero
+
+    assert count("3") == 3 and count_or_zero("0") == 0
+    for bad, parse in (("0", count), ("-1", count_or_zero), ("2.5", count), ("x", count_or_zero)):
+        try:
+            parse(bad)
+        except argparse.ArgumentTypeError as error:
+            assert repr(bad) in str(error)
+        else:
+            raise AssertionError(f"{parse.__name__}({bad!r}) was accepted")
+
+
+def test_a_benchmark_script_stops_at_a_zero_count_with_a_usage_line():
+    """The shared type in use: the script exits 2 before measuring anything, naming the option."""
+    for script, option, value, minimum in (("transformer_tokens.py", "--steps", "0", 1),
+                                           ("loader.py", "--workers", "-1", 0)):
+        result = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), option, value],
+                                env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert result.stderr.splitlines()[-1].endswith(
+            f"argument {option}: must be an integer >= {minimum}, got '{value}'"), result.stderr[-2000:]

@@ -1,0 +1,31 @@
+"""Command-line value types shared by the benchmark scripts.
+
+    parser.add_argument("--steps", type=count, default=10)
+
+A bad value stops the script at parsing with argparse's usage line, e.g.
+``error: argument --steps: must be an integer >= 1, got '0'``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def count(text: str) -> int:
+    """An integer of at least 1 (steps, repeats, batch size, images)."""
+    return bounded_int(text, 1)
+
+
+def count_or_zero(text: str) -> int:
+    """An integer of at least 0 (where 0 turns a part off, or means torch's default)."""
+    return bounded_int(text, 0)
+
+
+def bounded_int(text: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
+    return value
