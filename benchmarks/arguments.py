@@ -21,6 +21,14 @@ def count_or_zero(text: str) -> int:
     return bounded_int(text, 0)
 
 
+def apply_threads(threads: int) -> None:
+    """``--threads`` (a count_or_zero): torch's CPU threads, 0 keeping torch's default."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def bounded_int(text: str, minimum: int) -> int:
     try:
         value = int(text)

@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, Subset
 from datamodules import ImageFolderDataModule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers
-from arguments import count, count_or_zero  # noqa: E402
+from arguments import apply_threads, count, count_or_zero  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 10
@@ -154,8 +154,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.num_images < 20:
         parser.error("--num-images must be >= 20 (10 classes, and val/test splits of 10% each)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
 
     start = time.perf_counter()
     root = make_folder(args.scratch, args.num_images)

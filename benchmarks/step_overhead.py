@@ -57,8 +57,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from arguments import count, count_or_zero
-from throughput import FAMILIES, StepTimer, apply_threads, build, device_batches, plain_throughput
+from arguments import apply_threads, count, count_or_zero
+from throughput import FAMILIES, StepTimer, build, device_batches, plain_throughput
 
 from datamodules import MNISTDataModule
 from lightning_gen.base import adamw

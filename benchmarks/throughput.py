@@ -41,7 +41,7 @@ from datamodules.mnist import images_to_batch
 from lightning_gen.callbacks import SpeedOptions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers
-from arguments import count, count_or_zero  # noqa: E402
+from arguments import apply_threads, count, count_or_zero  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,12 +131,6 @@ def lightning_throughput(model, images, labels, args, device) -> float:
 
 def speed_options(args) -> SpeedOptions:
     return SpeedOptions(compile=args.compile, channels_last=args.channels_last)
-
-
-def apply_threads(threads: int) -> None:
-    """``--threads``: torch's CPU threads (0: torch's default)."""
-    if threads:
-        torch.set_num_threads(threads)
 
 
 def plain_throughput(model, images, labels, args, device) -> float:

@@ -25,7 +25,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers
-from arguments import count, count_or_zero  # noqa: E402
+from arguments import apply_threads, count, count_or_zero  # noqa: E402
 
 from lightning_gen import PixelTransformer  # noqa: E402
 
@@ -75,8 +75,7 @@ def main() -> None:
     parser.add_argument("--threads", type=count_or_zero, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--output", type=Path, default=None, help="append the table to this file")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
 
     torch.manual_seed(0)
     images = (torch.rand(args.batch_size, 1, 28, 28) > 0.8).float()
