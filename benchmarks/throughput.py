@@ -130,7 +130,8 @@ def lightning_throughput(model, images, labels, args, device) -> float:
 
 
 def speed_options(args) -> SpeedOptions:
-    return SpeedOptions(compile=args.compile, channels_last=args.channels_last)
+    return SpeedOptions(compile=args.compile, channels_last=args.channels_last,
+                        compile_backend=getattr(args, "compile_backend", "inductor"))
 
 
 def plain_throughput(model, images, labels, args, device) -> float:

@@ -71,7 +71,8 @@ def test_gpu_check_runs_every_part_at_a_tiny_size(tmp_path, mnist_root):
         assert refused.returncode != 0 and "pip install -e '.[bench]'" in refused.stderr
         assert not (tmp_path / "gpu_check.json").exists()
     result = subprocess.run(
-        [sys.executable, script, "--tiny", "--device", "cpu", "--skip-diffusers", "--output-dir", str(tmp_path)],
+        [sys.executable, script, "--tiny", "--device", "cpu", "--skip-diffusers", "--compile-backend", "aot_eager",
+         "--output-dir", str(tmp_path)],
         env=environment, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "gpu_check.json").read_text())
@@ -81,7 +82,7 @@ def test_gpu_check_runs_every_part_at_a_tiny_size(tmp_path, mnist_root):
                         ("autoencoder", "vae", "gan", "pixelcnn", "pixeltransformer", "realnvp", "diffusion",
                          "flow_matching") for precision in ("32-true", "bf16-mixed")}
     assert all(row["lightning_images_per_s"] > 0 and row["plain_images_per_s"] > 0 for row in results["throughput"])
-    assert [row["compile"] for row in results["compile"]] == [False, True]
+    assert [(row["compile"], row["backend"]) for row in results["compile"]] == [(False, "-"), (True, "aot_eager")]
     assert [row["family"] for row in results["fits"]] == ["vae", "gan", "diffusion"]
     assert all(row["steps"] > 0 and math.isfinite(row["fid"]) for row in results["fits"])
     assert all(math.isfinite(row["test_nll_nats"]) for row in results["fits"] if row["family"] != "gan")
