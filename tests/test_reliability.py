@@ -270,8 +270,10 @@ def test_every_config_trains_two_steps_as_written(config, run_dir, mnist_root):
     # about 13x fp32: 117 s against 9 s per CIFAR-10 training step of two images here, so those
     # train on one image a step (the batch norm of other families needs two)
     batch_size = "1" if yaml.safe_load((CONFIGS / config).read_text())["trainer"].get("precision") == "bf16-mixed" else "2"
+    # (no sanity check: the validation after the two steps runs the same validation_step)
     fitted = run_cli(*command, "--config", str(CONFIGS / config), *QUICK, "--trainer.max_steps", "2",
                      "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2",
+                     "--trainer.num_sanity_val_steps", "0",
                      "--data.init_args.batch_size", batch_size, *data,
                      *([] if features else ["--sample_logger.num_samples", "4"]))
     assert fitted.trainer.global_step >= 2
