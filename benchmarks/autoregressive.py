@@ -33,6 +33,8 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers
+from arguments import apply_threads, count, count_or_zero  # noqa: E402
 
 from datamodules import MNISTDataModule  # noqa: E402
 from lightning_gen import PixelCNN, PixelTransformer  # noqa: E402
@@ -138,26 +140,25 @@ def main() -> None:
     parser.add_argument("--budget-minutes", type=float, default=8.0, help="training budget per model")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default="32-true")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--eval-batch-size", type=int, default=250)
-    parser.add_argument("--test-size", type=int, default=10000, help="test images scored (first N)")
-    parser.add_argument("--num-samples", type=int, default=64, help="images per timed sampling run")
-    parser.add_argument("--uncached-samples", type=int, default=64,
+    parser.add_argument("--batch-size", type=count, default=64)
+    parser.add_argument("--eval-batch-size", type=count, default=250)
+    parser.add_argument("--test-size", type=count, default=10000, help="test images scored (first N)")
+    parser.add_argument("--num-samples", type=count, default=64, help="images per timed sampling run")
+    parser.add_argument("--uncached-samples", type=count, default=64,
                         help="images for the transformer's sampling without the cache")
-    parser.add_argument("--hidden-channels", type=int, default=64)
-    parser.add_argument("--num-layers", type=int, default=7)
-    parser.add_argument("--head-channels", type=int, default=256)
+    parser.add_argument("--hidden-channels", type=count, default=64)
+    parser.add_argument("--num-layers", type=count, default=7)
+    parser.add_argument("--head-channels", type=count, default=256)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--model-dim", type=int, default=256)
-    parser.add_argument("--transformer-layers", type=int, default=6)
-    parser.add_argument("--num-heads", type=int, default=8)
+    parser.add_argument("--model-dim", type=count, default=256)
+    parser.add_argument("--transformer-layers", type=count, default=6)
+    parser.add_argument("--num-heads", type=count, default=8)
     parser.add_argument("--transformer-learning-rate", type=float, default=5e-4)
-    parser.add_argument("--warmup-steps", type=int, default=200)
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument("--warmup-steps", type=count, default=200)
+    parser.add_argument("--threads", type=count_or_zero, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/autoregressive.md"))
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
 
     data = MNISTDataModule(download=True)
     data.prepare_data()

@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers
+from arguments import apply_threads, count, count_or_zero  # noqa: E402
 
 from lightning_gen import Diffusion  # noqa: E402
 from lightning_gen.diffusion import MLPDenoiserConfig, UNetConfig  # noqa: E402
@@ -274,36 +276,35 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", choices=["speed", "quality"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512])
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument("--batch-sizes", type=count, nargs="+", default=[128, 512])
+    parser.add_argument("--threads", type=count_or_zero, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (ours; quality: bf16-mixed)")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the U-Net")
     parser.add_argument("--compile-mode", default=None, help="e.g. max-autotune, reduce-overhead")
     parser.add_argument("--diffusers-same-options", action="store_true",
                         help="run diffusers with our bf16 / channels_last / compile options too")
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--warmup-steps", type=int, default=5)
-    parser.add_argument("--train-steps", type=int, default=50)
-    parser.add_argument("--sample-runs", type=int, default=2, help="timed DDIM runs per batch size")
-    parser.add_argument("--sampling-steps", type=int, default=50)
+    parser.add_argument("--image-size", type=count, default=32)
+    parser.add_argument("--warmup-steps", type=count, default=5)
+    parser.add_argument("--train-steps", type=count, default=50)
+    parser.add_argument("--sample-runs", type=count, default=2, help="timed DDIM runs per batch size")
+    parser.add_argument("--sampling-steps", type=count, default=50)
     parser.add_argument("--data", default="mnist", help="quality: mnist or a toy distribution name")
     parser.add_argument("--budget-minutes", type=float, default=5.0)
-    parser.add_argument("--base-channels", type=int, default=32)
-    parser.add_argument("--num-res-blocks", type=int, default=2)
+    parser.add_argument("--base-channels", type=count, default=32)
+    parser.add_argument("--num-res-blocks", type=count, default=2)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--output-dir", default="benchmarks/results")
     parser.add_argument("--feature-network", default=None,
                         help="quality on MNIST: 'inception' or an MNISTClassifier checkpoint "
                              "(default: $LIGHTNING_GEN_FEATURE_NETWORK or checkpoints/mnist_features/last.ckpt)")
-    parser.add_argument("--fid-samples", type=int, default=10000, help="quality on MNIST: 0 for no FID")
-    parser.add_argument("--fid-batch-size", type=int, default=500)
+    parser.add_argument("--fid-samples", type=count_or_zero, default=10000, help="quality on MNIST: 0 for no FID")
+    parser.add_argument("--fid-batch-size", type=count, default=500)
     args = parser.parse_args()
-    if args.fid_samples == 1 or args.fid_samples < 0 or args.fid_batch_size < 1:
-        parser.error("--fid-samples must be 0 (no FID) or >= 2, --fid-batch-size >= 1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.fid_samples == 1:
+        parser.error("--fid-samples must be 0 (no FID) or >= 2")
+    apply_threads(args.threads)
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -41,6 +41,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers
+from arguments import count, count_or_zero  # noqa: E402
 METRICS = ["test/nll", "test/bpd", "test/fid", "test/kid", "test/mmd", "test/sliced_wasserstein"]
 
 
@@ -171,10 +173,10 @@ def main() -> None:
                         help="'inception' or an MNISTClassifier checkpoint (FID/KID of MNIST models); "
                              "default: $LIGHTNING_GEN_FEATURE_NETWORK or checkpoints/mnist_features/"
                              "last.ckpt of the repository when it exists")
-    parser.add_argument("--num-samples", type=int, default=10000, help="generated samples for FID/KID, MMD, SW")
-    parser.add_argument("--val-batches", type=int, default=0, help="limit validation batches (0: all)")
-    parser.add_argument("--test-batches", type=int, default=0, help="limit test batches (0: all)")
-    parser.add_argument("--vae-test-importance-samples", type=int, default=1000)
+    parser.add_argument("--num-samples", type=count, default=10000, help="generated samples for FID/KID, MMD, SW")
+    parser.add_argument("--val-batches", type=count_or_zero, default=0, help="limit validation batches (0: all)")
+    parser.add_argument("--test-batches", type=count_or_zero, default=0, help="limit test batches (0: all)")
+    parser.add_argument("--vae-test-importance-samples", type=count, default=1000)
     parser.add_argument("--only", nargs="*", default=None, help="config names to run (default: all)")
     parser.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "lightning-gen-evaluate"))
     parser.add_argument("--output", default=None, help="write the markdown table here too")

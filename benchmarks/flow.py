@@ -36,6 +36,8 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers
+from arguments import apply_threads, count, count_or_zero  # noqa: E402
 
 from datamodules import MNISTDataModule, ToyDataModule  # noqa: E402
 from datamodules.toy import TOY_ENTROPY  # noqa: E402
@@ -172,25 +174,24 @@ def main() -> None:
     parser.add_argument("--precision", default="32-true", help="e.g. bf16-mixed on a GPU")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--gradient-clip", type=float, default=100.0)
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument("--threads", type=count_or_zero, default=0, help="CPU threads (0: torch's default)")
     # toy
-    parser.add_argument("--num-layers", type=int, default=8)
-    parser.add_argument("--hidden-dims", type=int, nargs="+", default=[128, 128])
-    parser.add_argument("--toy-batch-size", type=int, default=256)
-    parser.add_argument("--toy-max-steps", type=int, default=20000)
+    parser.add_argument("--num-layers", type=count, default=8)
+    parser.add_argument("--hidden-dims", type=count, nargs="+", default=[128, 128])
+    parser.add_argument("--toy-batch-size", type=count, default=256)
+    parser.add_argument("--toy-max-steps", type=count, default=20000)
     # mnist
-    parser.add_argument("--num-scales", type=int, default=3)
-    parser.add_argument("--couplings-per-scale", type=int, default=3)
-    parser.add_argument("--hidden-channels", type=int, default=64)
-    parser.add_argument("--num-blocks", type=int, default=4)
-    parser.add_argument("--mnist-batch-size", type=int, default=64)
+    parser.add_argument("--num-scales", type=count, default=3)
+    parser.add_argument("--couplings-per-scale", type=count, default=3)
+    parser.add_argument("--hidden-channels", type=count, default=64)
+    parser.add_argument("--num-blocks", type=count, default=4)
+    parser.add_argument("--mnist-batch-size", type=count, default=64)
     parser.add_argument("--mnist-max-steps", type=int, default=-1)
-    parser.add_argument("--test-size", type=int, default=10000, help="test images scored (first N)")
+    parser.add_argument("--test-size", type=count, default=10000, help="test images scored (first N)")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/flow.md"))
     parser.add_argument("--figure-dir", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
 
     tables = []
     if args.task in ("toy", "all"):

@@ -44,6 +44,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers
+from arguments import apply_threads, count  # noqa: E402
 
 from datamodules import MNISTDataModule, ToyDataModule  # noqa: E402
 from datamodules.toy import TOY_ENTROPY  # noqa: E402
@@ -249,15 +251,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=("mnist", "toy"))
     parser.add_argument("--minutes", type=float, default=3.0, help="training minutes per model")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=count, default=None)
     parser.add_argument("--skip-training", action="store_true", help="evaluate the checkpoints in benchmarks/runs/")
     parser.add_argument("--checkpoints", nargs=2, metavar=("DIFFUSION", "FLOW_MATCHING"), default=None,
                         help="mnist: evaluate these two checkpoints of cli.py fit (e.g. the laptop presets') "
                              "instead of training")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=count, default=128)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--fid-samples", type=int, default=1000)
-    parser.add_argument("--fid-batch-size", type=int, default=500)
+    parser.add_argument("--fid-samples", type=count, default=1000)
+    parser.add_argument("--fid-batch-size", type=count, default=500)
     parser.add_argument("--feature-network", default=None)
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the markdown table")
     args = parser.parse_args()
@@ -268,8 +270,7 @@ def main() -> None:
     missing = [path for path in args.checkpoints or [] if not os.path.isfile(path)]
     if missing:
         parser.error(f"no checkpoint at {', '.join(missing)}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     (mnist if args.what == "mnist" else toy)(args)
 
 

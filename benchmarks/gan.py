@@ -41,6 +41,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers
+from arguments import apply_threads, count, count_or_zero  # noqa: E402
 
 from datamodules import MNISTDataModule, ToyDataModule  # noqa: E402
 from datamodules.toy import EIGHT_GAUSSIANS_RADIUS, EIGHT_GAUSSIANS_STD, sample_toy  # noqa: E402
@@ -177,20 +179,19 @@ def main() -> None:
     parser.add_argument("--budget-minutes", type=float, default=8.0, help="training wall-clock budget")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default="32-true", help="Trainer precision, e.g. bf16-mixed")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: 128 (mnist), 256 (toy)")
-    parser.add_argument("--base-channels", type=int, default=64, help="DCGAN width (mnist)")
-    parser.add_argument("--hidden-dim", type=int, default=256, help="MLP width (toy)")
+    parser.add_argument("--batch-size", type=count, default=None, help="default: 128 (mnist), 256 (toy)")
+    parser.add_argument("--base-channels", type=count, default=64, help="DCGAN width (mnist)")
+    parser.add_argument("--hidden-dim", type=count, default=256, help="MLP width (toy)")
     parser.add_argument("--learning-rate", type=float, default=1e-4, help="both networks (toy)")
-    parser.add_argument("--eval-size", type=int, default=None, help="default: 2000 (mnist), 10000 (toy)")
+    parser.add_argument("--eval-size", type=count, default=None, help="default: 2000 (mnist), 10000 (toy)")
     parser.add_argument("--mode-threshold", type=float, default=0.01)
     parser.add_argument("--feature-network", default=str(FEATURE_NETWORK),
                         help="MNISTClassifier checkpoint for the FID (mnist); 'none' skips the FID")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument("--threads", type=count_or_zero, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--grid", type=Path, default=None, help="where the picture goes")
     parser.add_argument("--output", type=Path, default=RESULTS / "gan.md", help="the table is appended here")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     if args.feature_network.lower() == "none":
         args.feature_network = None
     elif args.task == "mnist" and not Path(args.feature_network).is_file():

@@ -45,6 +45,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import throughput  # noqa: E402
+from arguments import count  # noqa: E402
 from datamodules import MNISTDataModule  # noqa: E402
 
 FIT_FAMILIES = ("vae", "gan", "diffusion")
@@ -204,11 +205,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="small networks, few steps (the test)")
-    parser.add_argument("--batch-size", type=int, default=None, help="default 512 (tiny: 8)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20, tiny 1)")
-    parser.add_argument("--warmup-steps", type=int, default=None, help="default 5 (tiny 1)")
+    parser.add_argument("--batch-size", type=count, default=None, help="default 512 (tiny: 8)")
+    parser.add_argument("--steps", type=count, default=None, help="timed steps (default 20, tiny 1)")
+    parser.add_argument("--warmup-steps", type=count, default=None, help="default 5 (tiny 1)")
     parser.add_argument("--fit-seconds", type=float, default=90.0)
-    parser.add_argument("--fid-samples", type=int, default=None, help="default 5000 (tiny 20)")
+    parser.add_argument("--fid-samples", type=count, default=None, help="default 5000 (tiny 20)")
     parser.add_argument("--skip-diffusers", action="store_true")
     parser.add_argument("--compile-backend", default="inductor", choices=("inductor", "aot_eager"),
                         help="torch.compile backend of part 2; aot_eager skips kernel generation "

@@ -45,6 +45,8 @@ from torchvision.utils import save_image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers
+from arguments import count  # noqa: E402
 
 from lightning_gen.metrics import (  # noqa: E402
     digit_scores, extract_features, fid_kid_from_features, load_feature_network, load_mnist_classifier,
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated preset names from configs/cpu/ (default: {','.join(FAMILIES)})")
     parser.add_argument("--minutes", type=float, default=None,
                         help="override the presets' max_time (trials; default: as written)")
-    parser.add_argument("--num-samples", type=int, default=1000)
+    parser.add_argument("--num-samples", type=count, default=1000)
     parser.add_argument("--feature-network", default=None)
     parser.add_argument("--scratch", type=Path, default=REPO / "benchmarks" / "runs" / "laptop")
     parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "laptop.md")

@@ -27,6 +27,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers
+from arguments import apply_threads, count, count_or_zero  # noqa: E402
 
 from lightning_gen.cli import checkpoint_class, read_checkpoint, resolve_class  # noqa: E402
 from lightning_gen.metrics import digit_scores, load_mnist_classifier  # noqa: E402
@@ -68,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--option", action="append", default=None,
                         help='one set of evaluation options, e.g. "predict_steps=25" (repeatable)')
-    parser.add_argument("--samples", type=int, default=500)
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument("--samples", type=count, default=500)
+    parser.add_argument("--threads", type=count_or_zero, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--feature-network", default=None)
     parser.add_argument("--output", type=Path, default=None, help="append the table to this file")
     args = parser.parse_args(argv)
@@ -83,8 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         feature_network = mnist_feature_network_file(args.feature_network)
     except FileNotFoundError as error:
         parser.error(str(error))
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     cls = model_class(args.checkpoint)
     try:
         option_sets = [parse_option_set(text, cls.EVALUATION_OPTIONS) for text in args.option or [""]]

@@ -23,6 +23,8 @@ import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers
+from arguments import apply_threads, count, count_or_zero  # noqa: E402
 
 from datamodules import MNISTDataModule  # noqa: E402
 from lightning_gen import VAE  # noqa: E402
@@ -40,17 +42,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget-minutes", type=float, default=8.0, help="training wall-clock budget")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--latent-dim", type=int, default=32)
+    parser.add_argument("--batch-size", type=count, default=128)
+    parser.add_argument("--latent-dim", type=count, default=32)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--importance-samples", type=int, default=1000)
-    parser.add_argument("--test-size", type=int, default=10000, help="test images scored (first N)")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument("--importance-samples", type=count, default=1000)
+    parser.add_argument("--test-size", type=count, default=10000, help="test images scored (first N)")
+    parser.add_argument("--threads", type=count_or_zero, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/vae.md"))
     parser.add_argument("--grid", type=Path, default=Path("benchmarks/results/vae_samples.png"))
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
 
     L.seed_everything(0)
     data = MNISTDataModule(batch_size=args.batch_size, download=True)

@@ -144,9 +144,13 @@ def test_count_options_refuse_zero_and_non_integers_at_parsing():
 
 def test_a_benchmark_script_stops_at_a_zero_count_with_a_usage_line():
     """The shared type in use: the script exits 2 before measuring anything, naming the option."""
-    for script, option, value, minimum in (("transformer_tokens.py", "--steps", "0", 1),
-                                           ("loader.py", "--workers", "-1", 0)):
-        result = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), option, value],
+    for script, mode, option, value, minimum in (("transformer_tokens.py", [], "--steps", "0", 1),
+                                                 ("loader.py", [], "--workers", "-1", 0),
+                                                 ("gan.py", ["mnist"], "--batch-size", "0", 1),
+                                                 ("diffusion.py", ["speed"], "--threads", "-1", 0),
+                                                 ("flow.py", [], "--num-layers", "2.5", 1),
+                                                 ("vae.py", [], "--test-size", "0", 1)):
+        result = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *mode, option, value],
                                 env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
                                 timeout=120)
         assert result.returncode == 2, result.stderr[-2000:]
