@@ -95,6 +95,51 @@ def test_parameterizations_invert_each_other():
     torch.testing.assert_close(schedule.eps_from_velocity(x_t, t, v), eps, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+def test_min_snr_weights_are_min_snr_gamma_on_the_x0_error(prediction):
+    """Min-SNR-gamma (Hang et al. 2023): whatever the network predicts, the weighted loss of an
+    output is min(SNR_t, gamma) times the squared error of the x_0 that output implies."""
+    gamma = 5.0
+    model = Diffusion((3,), num_timesteps=1000, beta_schedule="cosine", prediction=prediction,
+                      min_snr_gamma=gamma, mlp=MLPDenoiserConfig(8, 1))
+    torch.manual_seed(0)
+    x0, eps, x0_hat = torch.randn(12, 3).double(), torch.randn(12, 3).double(), torch.randn(12, 3).double()
+    t = torch.tensor([5, 20, 60, 100, 200, 300, 400, 500, 600, 700, 800, 900])
+    alpha_bar = model.schedule.alphas_cumprod[t].double()[:, None]
+    snr = alpha_bar / (1 - alpha_bar)
+    x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps
+    eps_hat = (x_t - alpha_bar.sqrt() * x0_hat) / (1 - alpha_bar).sqrt()
+    if prediction == "epsilon":
+        target, output = eps, eps_hat
+    else:
+        target = alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * x0
+        output = alpha_bar.sqrt() * eps_hat - (1 - alpha_bar).sqrt() * x0_hat
+    weighted = model.loss_weights(t).double() * (output - target).pow(2).mean(dim=1)
+    expected = snr[:, 0].clamp(max=gamma) * (x0_hat - x0).pow(2).mean(dim=1)
+    torch.testing.assert_close(weighted, expected, rtol=1e-4, atol=1e-6)
+    # Both sides of gamma are in this t range, and the weights are finite at t = T - 1 (SNR ~ 0).
+    assert (snr[:, 0] > gamma).any() and (snr[:, 0] < gamma).any()
+    assert torch.isfinite(model.loss_weights(torch.tensor([999]))).all()
+
+
+def test_min_snr_loss_is_the_weighted_mean_of_the_per_example_errors():
+    torch.manual_seed(0)
+    model = Diffusion((2,), num_timesteps=50, prediction="v", min_snr_gamma=5.0, mlp=MLPDenoiserConfig(8, 1))
+    x0 = torch.randn(16, 2)
+    loss = model.diffusion_loss(x0, None, generator=torch.Generator().manual_seed(3))
+    generator = torch.Generator().manual_seed(3)  # the same draws in the same order
+    t = torch.randint(0, 50, (16,), generator=generator)
+    eps = torch.randn(x0.shape, generator=generator)
+    errors = (model.network(model.schedule.q_sample(x0, t, eps), t, None)
+              - model.schedule.velocity(x0, t, eps)).pow(2).mean(dim=1)
+    torch.testing.assert_close(loss, (model.loss_weights(t) * errors).mean())
+    unweighted = Diffusion((2,), num_timesteps=50, prediction="v", mlp=MLPDenoiserConfig(8, 1))
+    unweighted.network.load_state_dict(model.network.state_dict())
+    torch.testing.assert_close(unweighted.diffusion_loss(x0, None, generator=torch.Generator().manual_seed(3)),
+                               errors.mean())
+    assert not torch.allclose(loss, errors.mean())
+
+
 def test_ddim_timesteps_are_a_decreasing_subsequence():
     schedule = NoiseSchedule(1000)
     steps = schedule.timesteps(50)
@@ -183,6 +228,9 @@ def test_bad_sampler_arguments_raise():
         Diffusion((2,), prediction="x0")
     with pytest.raises(ValueError, match="beta_schedule"):
         Diffusion((2,), beta_schedule="quadratic")
+    for gamma in (0.0, -5.0, True):
+        with pytest.raises(ValueError, match="min_snr_gamma must be None"):
+            Diffusion((2,), min_snr_gamma=gamma)
     with pytest.raises(ValueError, match="unconditional"):
         model.sample(2, y=1)
 
@@ -288,15 +336,15 @@ def test_ema_follows_each_optimizer_step_and_is_checkpointed(tmp_path):
 
 
 # ----------------------------------------------------------------------------------- training
-@pytest.mark.parametrize("prediction", ["epsilon", "v"])
-def test_loss_falls_on_a_tiny_batch(prediction, mnist_root):
+@pytest.mark.parametrize("prediction, min_snr_gamma", [("epsilon", None), ("v", None), ("v", 5.0)])
+def test_loss_falls_on_a_tiny_batch(prediction, min_snr_gamma, mnist_root):
     from datamodules import MNISTDataModule
 
     data = MNISTDataModule(data_dir=str(mnist_root), download=False)
     data.setup("test")
     x = torch.stack([data.test_set[index][0] for index in range(8)])  # (8, 1, 28, 28) in [0, 1]
     torch.manual_seed(0)
-    model = tiny_unet_model(prediction=prediction, num_timesteps=100)
+    model = tiny_unet_model(prediction=prediction, num_timesteps=100, min_snr_gamma=min_snr_gamma)
     x0 = model.to_model_space(x)
 
     def fixed_noise_loss() -> float:  # the same t and eps before and after training

@@ -7,8 +7,14 @@ Forward process: q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I), d
 Training (Ho et al. 2020, Algorithm 1 / eq. 14, the "simple" loss):
     loss = E_{x_0, t, eps} || eps - eps_theta(sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, t) ||^2
 (mean over dimensions), or with ``prediction="v"`` the same MSE on v = sqrt(alpha_bar_t) eps -
-sqrt(1 - alpha_bar_t) x_0 (Salimans & Ho 2022). ``val/loss`` and ``test/loss`` are the same MSE
-(computed with the EMA weights when they exist, with fixed noise per batch so epochs compare).
+sqrt(1 - alpha_bar_t) x_0 (Salimans & Ho 2022). With ``min_snr_gamma`` each example's MSE is weighted by the Min-SNR-gamma
+strategy (Hang et al. 2023): the weight of the x_0 error is min(SNR_t, gamma), which for the two
+targets is
+    epsilon: min(SNR_t, gamma) / SNR_t        v: min(SNR_t, gamma) / (SNR_t + 1)
+(||eps - eps_hat||^2 = SNR_t ||x_0 - x0_hat||^2 and ||v - v_hat||^2 = (SNR_t + 1) ||x_0 - x0_hat||^2),
+so the nearly noise-free timesteps, whose gradients conflict with the rest, stop dominating.
+``val/loss`` and ``test/loss`` are the same (weighted) MSE (computed with the EMA weights when they
+exist, with fixed noise per batch so epochs compare).
 
 Sampling: ancestral DDPM over all T steps (Ho et al. 2020, Algorithm 2), DDIM over a sub-sequence
 of ``steps`` timesteps with noise scale ``eta`` (Song et al. 2021, eqs. 12 and 16), or one of two
@@ -65,6 +71,8 @@ class Diffusion(GenerativeModule):
         num_timesteps: T, the number of diffusion steps.
         beta_schedule: ``"linear"`` (Ho et al. 2020) or ``"cosine"`` (Nichol & Dhariwal 2021).
         prediction: what the network predicts: ``"epsilon"`` (the noise) or ``"v"``.
+        min_snr_gamma: gamma of the Min-SNR-gamma loss weights (Hang et al. 2023; the paper uses
+            5), or None for the unweighted simple loss.
         unet: the U-Net for images (``UNetConfig``: base_channels, channel_multipliers,
             num_res_blocks, attention_levels, num_heads, norm_groups, dropout), a nested group:
             ``unet: {base_channels: 64}`` in a config, ``--model.init_args.unet.base_channels 64``.
@@ -104,6 +112,7 @@ class Diffusion(GenerativeModule):
         num_timesteps: int = 1000,
         beta_schedule: str = "linear",
         prediction: str = "epsilon",
+        min_snr_gamma: float | None = None,
         unet: UNetConfig = UNetConfig(),
         mlp: MLPDenoiserConfig = MLPDenoiserConfig(),
         num_classes: int | None = None,
@@ -121,6 +130,9 @@ class Diffusion(GenerativeModule):
         super().__init__(data_shape, **optimizer_options)
         self.save_hyperparameters(ignore=self.EVALUATION_OPTIONS)
         checks.one_of("prediction", prediction, PREDICTIONS)
+        if min_snr_gamma is not None and (isinstance(min_snr_gamma, bool) or not min_snr_gamma > 0):
+            raise ValueError(f"min_snr_gamma must be None (no weighting) or > 0 (the paper's 5), "
+                             f"got {min_snr_gamma!r}")
         checks.one_of("predict_sampler", predict_sampler, SAMPLERS)
         checks.fraction(label_dropout=label_dropout)
         check_guidance(num_classes, label_dropout, guidance_scale)
@@ -130,6 +142,7 @@ class Diffusion(GenerativeModule):
                 raise ValueError(f"{name} must be None (all T timesteps), 0 (no bound) or a number "
                                  f"of timesteps >= 1, got {value!r}")
         self.prediction = prediction
+        self.min_snr_gamma = min_snr_gamma
         self.num_classes = checks.optional_classes(num_classes)
         self.label_dropout = label_dropout
         self.guidance_scale = guidance_scale
@@ -162,15 +175,27 @@ class Diffusion(GenerativeModule):
         """What the network regresses: eps, or v (Salimans & Ho 2022)."""
         return eps if self.prediction == "epsilon" else self.schedule.velocity(x0, t, eps)
 
+    def loss_weights(self, t: Tensor) -> Tensor:
+        """Min-SNR-gamma weights (B,) of the per-example MSE of ``target`` at timesteps t."""
+        snr = self.schedule.snr(t)
+        if self.prediction == "epsilon":
+            # min(SNR, gamma) / SNR as min(1, gamma / SNR): no 0 / 0 where SNR is 0 (cosine's last t).
+            return (self.min_snr_gamma / snr).clamp(max=1.0)
+        return snr.clamp(max=self.min_snr_gamma) / (snr + 1.0)
+
     def diffusion_loss(self, x0: Tensor, y: Tensor | None, network: nn.Module | None = None,
                        generator: torch.Generator | None = None) -> Tensor:
-        """The simple loss (Ho et al. 2020, eq. 14) of x_0 in model space (B, ...): a scalar."""
+        """The simple loss (Ho et al. 2020, eq. 14) of x_0 in model space (B, ...), weighted by
+        ``loss_weights`` when ``min_snr_gamma`` is set: a scalar."""
         network = network if network is not None else self.network
         t = torch.randint(0, self.num_timesteps, (len(x0),), device=x0.device, generator=generator)
         eps = torch.randn(x0.shape, device=x0.device, generator=generator)
         x_t = self.schedule.q_sample(x0, t, eps)  # (B, ...)
         output = network(x_t, t, y)
-        return F.mse_loss(output.float(), self.target(x0, t, eps))
+        if self.min_snr_gamma is None:
+            return F.mse_loss(output.float(), self.target(x0, t, eps))
+        errors = (output.float() - self.target(x0, t, eps)).pow(2).flatten(1).mean(dim=1)  # (B,)
+        return (self.loss_weights(t) * errors).mean()
 
     def loss(self, batch: tuple[Tensor, Tensor], batch_idx: int, stage: str) -> tuple[Tensor, dict]:
         x, y = batch

@@ -137,6 +137,11 @@ class NoiseSchedule(nn.Module):
         return ((x_t - extract(self.sqrt_alphas_cumprod, t, x_t.dim()) * x0)
                 / extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.dim()))
 
+    def snr(self, t: Tensor) -> Tensor:
+        """The signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t) of q(x_t | x_0), shaped (B,)."""
+        alpha_bar = self.alphas_cumprod[t]
+        return alpha_bar / (1.0 - alpha_bar)
+
     def velocity(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0 (Salimans & Ho 2022, section 4)."""
         return (extract(self.sqrt_alphas_cumprod, t, x0.dim()) * eps
