@@ -29,6 +29,17 @@ def apply_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+def feature_network_file(parser: argparse.ArgumentParser, given: str | None) -> str:
+    """``--feature-network`` (or the default checkpoint) if it exists; otherwise argparse's usage
+    line with how to train one (``mnist_feature_network_file``)."""
+    from lightning_gen.callbacks.quality import mnist_feature_network_file
+
+    try:
+        return mnist_feature_network_file(given)
+    except FileNotFoundError as error:
+        parser.error(str(error))
+
+
 def bounded_int(text: str, minimum: int) -> int:
     try:
         value = int(text)

@@ -45,7 +45,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers
-from arguments import apply_threads, count  # noqa: E402
+from arguments import apply_threads, count, feature_network_file  # noqa: E402
 
 from datamodules import MNISTDataModule, ToyDataModule  # noqa: E402
 from datamodules.toy import TOY_ENTROPY  # noqa: E402
@@ -122,13 +122,9 @@ def checkpoint_description(paths: dict[str, Path], models: dict[str, L.Lightning
 
 
 def mnist(args: argparse.Namespace) -> None:
-    from lightning_gen.callbacks.quality import mnist_feature_network_file
     from lightning_gen.metrics import extract_features, fid_kid_from_features, load_feature_network, real_features
 
-    try:
-        feature_network = mnist_feature_network_file(args.feature_network)
-    except FileNotFoundError as error:
-        raise SystemExit(f"error: {error}") from None
+    feature_network = args.feature_network
     if args.checkpoints:
         paths = dict(zip(("diffusion", "flow_matching"), map(Path, args.checkpoints)))
     else:
@@ -270,6 +266,8 @@ def main() -> None:
     missing = [path for path in args.checkpoints or [] if not os.path.isfile(path)]
     if missing:
         parser.error(f"no checkpoint at {', '.join(missing)}")
+    if args.what == "mnist":
+        args.feature_network = feature_network_file(parser, args.feature_network)
     apply_threads(args.threads)
     (mnist if args.what == "mnist" else toy)(args)
 

@@ -46,7 +46,7 @@ from torchvision.utils import save_image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers
-from arguments import count  # noqa: E402
+from arguments import count, feature_network_file  # noqa: E402
 
 from lightning_gen.metrics import (  # noqa: E402
     digit_scores, extract_features, fid_kid_from_features, load_feature_network, load_mnist_classifier,
@@ -173,12 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"choose from {', '.join(FAMILIES)}")
     if args.num_samples < 2 or (args.minutes is not None and args.minutes <= 0):
         parser.error("--num-samples must be >= 2 and --minutes > 0")
-    from lightning_gen.callbacks.quality import mnist_feature_network_file
-
-    try:
-        feature_network = mnist_feature_network_file(args.feature_network)
-    except FileNotFoundError as error:
-        parser.error(str(error))
+    feature_network = feature_network_file(parser, args.feature_network)
     scorer = load_mnist_classifier(feature_network)
     features = load_feature_network(feature_network)
     from datamodules import MNISTDataModule

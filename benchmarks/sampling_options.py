@@ -28,7 +28,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers
-from arguments import apply_threads, count, count_or_zero  # noqa: E402
+from arguments import apply_threads, count, count_or_zero, feature_network_file  # noqa: E402
 
 from lightning_gen.cli import checkpoint_class, read_checkpoint, resolve_class  # noqa: E402
 from lightning_gen.metrics import digit_scores, load_mnist_classifier  # noqa: E402
@@ -79,12 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--samples must be >= 2")
     if not args.checkpoint.is_file():
         parser.error(f"no checkpoint at {args.checkpoint}")
-    from lightning_gen.callbacks.quality import mnist_feature_network_file
-
-    try:
-        feature_network = mnist_feature_network_file(args.feature_network)
-    except FileNotFoundError as error:
-        parser.error(str(error))
+    feature_network = feature_network_file(parser, args.feature_network)
     apply_threads(args.threads)
     cls = model_class(args.checkpoint)
     try:

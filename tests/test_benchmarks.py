@@ -156,3 +156,36 @@ def test_a_benchmark_script_stops_at_a_zero_count_with_a_usage_line():
         assert result.returncode == 2, result.stderr[-2000:]
         assert result.stderr.splitlines()[-1].endswith(
             f"argument {option}: must be an integer >= {minimum}, got '{value}'"), result.stderr[-2000:]
+
+
+def test_scoring_scripts_without_the_feature_network_say_how_to_train_it(tmp_path, capsys):
+    """laptop.py, flow_matching.py and sampling_options.py check the MNIST classifier through
+    arguments.feature_network_file before any fit or sampling: argparse's usage line (exit 2)
+    naming the command that trains it. laptop.py runs as a user would (one process start: the
+    other two scripts cost 15 s each here for the same call); the helper in-process."""
+    import argparse
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from arguments import feature_network_file
+
+    missing = tmp_path / "no_features.ckpt"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "laptop.py"), "--families", "vae_mnist",
+                             "--scratch", str(tmp_path / "scratch"), "--feature-network", str(missing)],
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.splitlines()[-1]
+    assert f"no MNIST feature network at {missing}" in last and "features fit" in last, last
+    assert not (tmp_path / "scratch").exists()  # nothing was fitted
+
+    parser = argparse.ArgumentParser(prog="script.py")
+    try:
+        feature_network_file(parser, str(missing))
+    except SystemExit as stop:
+        assert stop.code == 2
+    else:
+        raise AssertionError("a missing feature network was accepted")
+    assert f"no MNIST feature network at {missing}" in capsys.readouterr().err
+    present = tmp_path / "features.ckpt"
+    present.write_bytes(b"")
+    assert feature_network_file(parser, str(present)) == str(present)
