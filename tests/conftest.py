@@ -11,6 +11,12 @@ from pathlib import Path
 # descheduled threads at every parallel region, which made loops of small ops (autoregressive
 # sampling: 784 steps) 100x slower. Read once when torch loads, so it is set before the import.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Under pytest-xdist (``-n 2``, the README's command) each worker is one of the machine's cores:
+# one thread per worker and per process it starts, instead of two workers of two threads each
+# contending for the same two cores.
+PARALLEL_WORKER = "PYTEST_XDIST_WORKER" in os.environ
+if PARALLEL_WORKER:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -34,7 +40,8 @@ def _prepare_mnist() -> Path | None:
             return None
         raw.mkdir(parents=True, exist_ok=True)
         for name in MNIST_NAMES:
-            partial = raw / f"{name}.partial"
+            # one partial file per process: parallel workers may extract at the same time
+            partial = raw / f"{name}.{os.getpid()}.partial"
             with gzip.open(SHARED_MNIST / f"{name}.gz", "rb") as src, open(partial, "wb") as dst:
                 shutil.copyfileobj(src, dst)
             partial.replace(raw / name)
@@ -45,7 +52,7 @@ def _prepare_mnist() -> Path | None:
 MNIST_ROOT = _prepare_mnist()
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1 if PARALLEL_WORKER else min(2, torch.get_num_threads()))
 
 
 @pytest.fixture(scope="session")
