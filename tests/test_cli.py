@@ -178,3 +178,23 @@ def test_wandb_runs_offline_unless_the_user_logged_in(monkeypatch, tmp_path):
     (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password key\n")
     default_wandb_mode()  # logged in with `wandb login`: W&B decides (online)
     assert "WANDB_MODE" not in os.environ
+
+
+@pytest.mark.parametrize("precision, bf16_hardware, warned", [
+    ("bf16-mixed", False, True), ("bf16-mixed", True, False), ("32-true", False, False)])
+def test_bf16_on_a_cpu_without_bf16_arithmetic_warns_how_to_change_it(precision, bf16_hardware, warned, run_dir,
+                                                                      monkeypatch, recwarn):
+    """The GPU configs train bf16-mixed; on a CPU that emulates bf16 every command says to pass
+    --trainer.precision 32-true, and runs as asked. The CPU's probes are replaced to stand for
+    either kind of CPU."""
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: bf16_hardware)
+    cli = run_cli("fit", "--model", "Autoencoder", "--data", "ToyDataModule", "--data.name", "moons",
+                  "--model.reconstruction_loss", "mse", *QUICK, "--trainer.precision", precision,
+                  "--trainer.fast_dev_run", "1")
+    assert cli.trainer.state.finished
+    messages = [str(warning.message) for warning in recwarn if "bf16 arithmetic" in str(warning.message)]
+    assert len(messages) == (1 if warned else 0), messages
+    if warned:
+        assert messages[0] == ("precision bf16-mixed on a CPU without bf16 arithmetic is emulated, often ten "
+                               "times slower than fp32: pass --trainer.precision 32-true")
