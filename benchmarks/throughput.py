@@ -13,7 +13,8 @@ For each family, in one run:
   with its key/value cache, the others with their single sampler.
 
 ``--compile`` / ``--channels-last`` apply ``SpeedOptions`` to both sides (the warm-up steps then
-include the compilation). ``--size small`` builds small networks (CPU-sized); ``--size config`` the ones of configs/*.yaml.
+include the compilation; ``--compile-backend aot_eager`` captures the graphs without generating
+kernels, for a quick check on a CPU). ``--size small`` builds small networks (CPU-sized); ``--size config`` the ones of configs/*.yaml.
 
     python benchmarks/throughput.py --size small --batch-size 32 --steps 10 --threads 1   # CPU
     python benchmarks/throughput.py --size config --batch-size 512 --steps 50 --device cuda
@@ -131,7 +132,7 @@ def lightning_throughput(model, images, labels, args, device) -> float:
 
 def speed_options(args) -> SpeedOptions:
     return SpeedOptions(compile=args.compile, channels_last=args.channels_last,
-                        compile_backend=getattr(args, "compile_backend", "inductor"))
+                        compile_backend=args.compile_backend)
 
 
 def plain_throughput(model, images, labels, args, device) -> float:
@@ -197,6 +198,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=count, default=3, help="alternating timings; medians kept")
     parser.add_argument("--sample-count", type=count, default=16)
     parser.add_argument("--compile", action="store_true", help="torch.compile the networks (SpeedOptions)")
+    parser.add_argument("--compile-backend", default="inductor", choices=("inductor", "aot_eager"),
+                        help="torch.compile's backend with --compile (aot_eager: graph capture without "
+                             "generating kernels, which on a CPU takes minutes)")
     parser.add_argument("--channels-last", action="store_true", help="channels_last weights (SpeedOptions)")
     parser.add_argument("--precision", default="32-true", choices=("32-true", "bf16-mixed"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -232,7 +236,8 @@ def main() -> None:
 
     header = (f"\n{datetime.date.today()}, {hardware}, size {args.size}, batch {args.batch_size}, "
               f"{args.steps} timed steps after {args.warmup_steps} warm-up (median of {args.repeats} "
-              f"alternating runs), {args.precision}, compile {args.compile}, "
+              f"alternating runs), {args.precision}, "
+              f"compile {f'{args.compile} ({args.compile_backend})' if args.compile else False}, "
               f"channels_last {args.channels_last}, "
               f"sampling {args.sample_count} images\n\n"
               "| family | parameters | Lightning train img/s | plain PyTorch train img/s "
