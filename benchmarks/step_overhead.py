@@ -198,7 +198,8 @@ def trainer_step_seconds(model, images, labels, args, device, make_trainer=cli_t
 
 def plain_step_seconds(model, images, labels, args, device) -> float:
     options = SimpleNamespace(batch_size=args.batch_size, steps=args.steps, warmup_steps=args.warmup_steps,
-                              compile=False, channels_last=False, precision="32-true")
+                              compile=False, compile_backend="inductor", channels_last=False,
+                              precision="32-true")
     return args.batch_size / plain_throughput(model, images, labels, options, device)
 
 
