@@ -162,23 +162,19 @@ class GenerativeCLI(LightningCLI):
                            f"{wanted}: use the config it was trained with (or --model "
                            f"{saved.rpartition('.')[2]})")
 
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        warn_if_cpu_emulates_bf16(self.trainer)  # once, whichever subcommand runs
+
     def before_fit(self) -> None:
         """A checkpoint folder that cannot be written would fail only after the first epoch, which
         would be lost: check each one now."""
-        warn_if_cpu_emulates_bf16(self.trainer)
         for callback in self.trainer.checkpoint_callbacks:
             folder = getattr(callback, "dirpath", None)
             if folder is not None:
                 check_writable(Path(folder))
 
-    def before_validate(self) -> None:
-        warn_if_cpu_emulates_bf16(self.trainer)
-
-    def before_test(self) -> None:
-        warn_if_cpu_emulates_bf16(self.trainer)
-
     def before_predict(self) -> None:
-        warn_if_cpu_emulates_bf16(self.trainer)
         ckpt_path = self.config_init["predict"].get("ckpt_path")
         if ckpt_path == "last" and not last_checkpoints(self.trainer):
             folders = [str(callback.dirpath) for callback in self.trainer.checkpoint_callbacks]
