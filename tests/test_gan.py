@@ -289,6 +289,33 @@ def test_sampling_does_not_touch_batch_norm_statistics():
     assert first.min() >= 0 and first.max() <= 1
 
 
+def test_truncation_bounds_the_noise_and_none_draws_the_training_noise():
+    model = GAN((2,), **TINY_TOY)
+    torch.manual_seed(0)
+    plain = model.noise(20000)
+    torch.manual_seed(0)
+    assert torch.equal(model.noise(20000, None), plain)
+    truncated = model.noise(20000, truncation=0.5)  # 40,000 values: a standard error of 0.5% on the variance
+    assert truncated.abs().max() <= 0.5
+    # N(0, 1) truncated to [-t, t] has variance 1 - 2 t phi(t) / (2 Phi(t) - 1)
+    t = torch.tensor(0.5, dtype=torch.float64)
+    phi = torch.exp(-t**2 / 2) / math.sqrt(2 * math.pi)
+    expected = 1 - 2 * t * phi / torch.erf(t / math.sqrt(2))
+    assert abs(truncated.double().var() - expected) < 0.02 * expected
+    assert abs(truncated.mean()) < 0.01  # symmetric
+    # the samples follow the noise: a tight truncation draws samples nearer each other
+    torch.manual_seed(1)
+    spread = model.sample(2000).std(0).mean()
+    torch.manual_seed(1)
+    tight = model.sample(2000, truncation=0.1).std(0).mean()
+    assert tight < 0.5 * spread, (tight, spread)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="truncation must be None"):
+            model.sample(2, truncation=bad)
+        with pytest.raises(ValueError, match="predict_truncation must be None"):
+            GAN((2,), predict_truncation=bad, **TINY_TOY)
+
+
 def test_generator_extra_layers_add_convolutions_at_both_low_resolutions():
     torch.manual_seed(0)
     plain = GAN(base_channels=4, latent_dim=8)

@@ -70,6 +70,12 @@ def _check_betas(name: str, betas: Sequence[float]) -> tuple[float, float]:
     return betas
 
 
+def check_truncation(truncation: float | None, name: str) -> None:
+    if truncation is not None and not (math.isfinite(truncation) and truncation > 0):
+        raise ValueError(f"{name} must be None (no truncation) or a positive number of standard "
+                         f"deviations, got {truncation}")
+
+
 def zero_gradient_term(parameters) -> Tensor:
     """0 * sum of the parameters: a loss term that gives each of them a zero gradient (see the
     module docstring: it keeps DDP's reducer complete without changing any update)."""
@@ -111,9 +117,11 @@ class GAN(GenerativeModule):
         predict_use_ema: whether ``predict`` samples from the averaged generator (default: when
             ema_decay is set); not saved as a hyperparameter, so the command line sets it at
             ``predict --ckpt_path``.
+        predict_truncation: the truncation of the noise ``predict`` draws (see ``sample``; None:
+            none); like predict_use_ema, not saved, so it can be set at ``predict --ckpt_path``.
     """
 
-    EVALUATION_OPTIONS = ("predict_use_ema",)
+    EVALUATION_OPTIONS = ("predict_use_ema", "predict_truncation")
 
     def __init__(
         self,
@@ -140,6 +148,7 @@ class GAN(GenerativeModule):
         lr_schedule: str = "constant",
         warmup_steps: int = 0,
         predict_use_ema: bool | None = None,
+        predict_truncation: float | None = None,
     ) -> None:
         super().__init__(data_shape, learning_rate=generator_learning_rate, weight_decay=weight_decay,
                          lr_schedule=lr_schedule, warmup_steps=warmup_steps)
@@ -181,10 +190,17 @@ class GAN(GenerativeModule):
         if predict_use_ema and self.generator_ema is None:
             raise ValueError("predict_use_ema=True needs a generator average: set ema_decay")
         self.predict_use_ema = predict_use_ema
+        check_truncation(predict_truncation, "predict_truncation")
+        self.predict_truncation = predict_truncation
 
     # ----------------------------------------------------------------------------------- noise
-    def noise(self, num_samples: int) -> Tensor:
-        return torch.randn(num_samples, self.latent_dim, device=self.device)  # (B, latent_dim)
+    def noise(self, num_samples: int, truncation: float | None = None) -> Tensor:
+        """z ~ N(0, I): (num_samples, latent_dim); with ``truncation`` t, each component drawn
+        from the normal truncated to [-t, t] (inverse-CDF sampling, one draw per component)."""
+        z = torch.empty(num_samples, self.latent_dim, device=self.device)  # (B, latent_dim)
+        if truncation is None:
+            return z.normal_()
+        return nn.init.trunc_normal_(z, mean=0.0, std=1.0, a=-truncation, b=truncation)
 
     # -------------------------------------------------------------------------------- losses
     def discriminator_step_loss(self, real: Tensor, y: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
@@ -311,30 +327,36 @@ class GAN(GenerativeModule):
     def averaged_network(self) -> tuple[nn.Module, ExponentialMovingAverage | None]:
         return self.generator, self.generator_ema
 
-    def generate(self, num_samples: int, y: Tensor | None, use_ema: bool | None = None) -> Tensor:
+    def generate(self, num_samples: int, y: Tensor | None, use_ema: bool | None = None,
+                 truncation: float | None = None) -> Tensor:
         """Generator output (network space) for fresh noise, with batch norm in inference mode
         (samples do not depend on each other nor change the running statistics)."""
         generator = self.sampling_network(use_ema)
         was_training = generator.training
         generator.eval()
         try:
-            return generator(self.noise(num_samples), y)
+            return generator(self.noise(num_samples, truncation), y)
         finally:
             generator.train(was_training)
 
     @torch.no_grad()
     def sample(self, num_samples: int, y: Tensor | int | Sequence[int] | None = None,
-               use_ema: bool | None = None) -> Tensor:
+               use_ema: bool | None = None, truncation: float | None = None) -> Tensor:
         """Draw samples in data space: (num_samples, *data_shape), images in [0, 1].
 
         Args:
             y: labels for a class-conditional model (see ``GenerativeModule.sampling_labels``:
                 one int, num_samples labels, or by default every class in turn).
             use_ema: sample from the averaged generator (default: when ema_decay was set).
+            truncation: the truncation trick (Brock et al. 2019, section 3.1): noise from
+                N(0, I) truncated to [-t, t] in every component. Smaller t gives samples nearer
+                the generator's typical output (clearer, less varied); None (the default) draws
+                the noise the generator was trained on.
         """
         self.check_num_samples(num_samples)
+        check_truncation(truncation, "truncation")
         labels = self.sampling_labels(y, num_samples)
-        return self.from_model_space(self.generate(num_samples, labels, use_ema)).float()
+        return self.from_model_space(self.generate(num_samples, labels, use_ema, truncation)).float()
 
     def predict_options(self) -> dict[str, Any]:
-        return {"use_ema": self.predict_use_ema}
+        return {"use_ema": self.predict_use_ema, "truncation": self.predict_truncation}
