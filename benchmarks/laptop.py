@@ -17,8 +17,9 @@ the i-th test digit's label; its row adds the label agreement (the fraction of s
 classifier reads as the digit asked for), since its label entropy is that of the labels asked for.
 
 Writes ``--output`` (a markdown table: family, steps done, fit minutes, predict seconds,
-confidence, label entropy, label agreement, FID, load average) and ``laptop_<family>.png`` (the
-first 64 samples) beside it. Any failing command stops the run with its error (exit 1); nothing
+confidence, label entropy, label agreement, FID, load average, and the machine's speed: GFLOP/s
+of a matrix product before the fit, the share of CPU time stolen by other tenants during it) and
+``laptop_<family>.png`` (the first 64 samples) beside it. Any failing command stops the run with its error (exit 1); nothing
 is skipped.
 
     python benchmarks/laptop.py                                  # every preset, ~70 minutes
@@ -35,6 +36,7 @@ import datetime
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -80,6 +82,39 @@ def run(command: list[str], cwd: Path) -> float:
     return seconds
 
 
+def reference_gflops(size: int = 512, products: int = 20, repeats: int = 5) -> float:
+    """GFLOP/s of float32 matrix products on torch's threads (median of ``repeats``): how fast
+    the machine is right before a fit, so that rows from different hours can be compared (the
+    shared 2-core machine has run the same preset at 700 and at 4,513 batches in ten minutes)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(products):
+            a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 * products / statistics.median(times) / 1e9
+
+
+def cpu_times() -> tuple[int, int] | None:
+    """(stolen, total) CPU time in ticks since boot from /proc/stat (Linux), None elsewhere.
+    Stolen time is what a virtual machine's CPUs waited while the host ran other tenants; the
+    load average does not show it."""
+    try:
+        fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def stolen_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
 def batches_trained(state: dict) -> int:
     """Training batches of the fit (the GAN's global_step counts two optimizer steps per batch)."""
     return int(state["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"])
@@ -97,10 +132,13 @@ def evaluate(family: str, args: argparse.Namespace, scorer, features, real, test
     folder.mkdir(parents=True)
     cli = [sys.executable, str(REPO / "cli.py")]
     load = os.getloadavg()[0]
+    gflops = reference_gflops()
     fit = cli + ["fit", "--config", str(config)]
     if args.minutes is not None:
         fit += ["--trainer.max_time", max_time(args.minutes)]
+    before = cpu_times()
     fit_seconds = run(fit, folder)
+    stolen = stolen_share(before, cpu_times())
     checkpoint = folder / "checkpoints" / "cpu" / family / "last.ckpt"
     predict_seconds = run(cli + ["predict", "--config", str(config), "--ckpt_path", str(checkpoint),
                                  "--data.init_args.num_predict_samples", str(args.num_samples)], folder)
@@ -118,7 +156,7 @@ def evaluate(family: str, args: argparse.Namespace, scorer, features, real, test
     return dict(family=family, steps=batches_trained(state), fit_minutes=fit_seconds / 60,
                 predict_seconds=predict_seconds, confidence=scores.confidence,
                 label_entropy=scores.label_entropy, label_agreement=scores.label_agreement,
-                fid=float(fid), load=load,
+                fid=float(fid), load=load, gflops=gflops, stolen=stolen,
                 recognisable=scores.recognisable(MIN_CONFIDENCE, MIN_LABEL_ENTROPY))
 
 
@@ -135,14 +173,17 @@ def table(rows: list[dict], args: argparse.Namespace, feature_network: str) -> l
         f"test digits (few samples bias FID upwards); label agreement (class-conditional presets): "
         f"the fraction of samples the classifier reads as the digit they were drawn for. Fit minutes "
         f"are the whole command (start-up, validation, checkpoints included); load = 1-minute load "
-        f"average before the fit; "
+        f"average before the fit; GFLOP/s = float32 512x512 matrix products on torch's "
+        f"{torch.get_num_threads()} threads right before the fit; stolen = the share of the CPU time "
+        f"during the fit that the host gave to other virtual machines (/proc/stat; '-' where there "
+        f"is none); "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}.",
         "",
         f"    python benchmarks/laptop.py {' '.join(sys.argv[1:])}",
         "",
         "| family | steps | fit min | predict s | confidence | label entropy | label agreement | FID | goal met "
-        "| load |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| load | GFLOP/s | stolen |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for row in rows:
         lines.append(
@@ -150,7 +191,8 @@ def table(rows: list[dict], args: argparse.Namespace, feature_network: str) -> l
             f"| {row['confidence']:.3f} | {row['label_entropy']:.3f} "
             f"| {'-' if row['label_agreement'] is None else format(row['label_agreement'], '.3f')} "
             f"| {row['fid']:.1f} "
-            f"| {'yes' if row['recognisable'] else 'no'} | {row['load']:.1f} |")
+            f"| {'yes' if row['recognisable'] else 'no'} | {row['load']:.1f} | {row['gflops']:.0f} "
+            f"| {'-' if row['stolen'] is None else format(row['stolen'], '.0%')} |")
     lines += ["", *[f"![{row['family']}](laptop_{row['family']}.png)" for row in rows]]
     return lines
 

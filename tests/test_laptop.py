@@ -150,8 +150,10 @@ def test_laptop_benchmark_fits_predicts_and_scores_a_preset(classifier, mnist_ro
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in output.read_text().splitlines() if line.startswith("| vae_mnist")]
     assert len(rows) == 1
-    family, steps, fit_minutes, predict_seconds, confidence, entropy, agreement, fid, met, load = (
+    family, steps, fit_minutes, predict_seconds, confidence, entropy, agreement, fid, met, load, gflops, stolen = (
         c.strip() for c in rows[0])
+    assert float(load) >= 0 and float(gflops) > 0
+    assert stolen == "-" if not Path("/proc/stat").exists() else 0 <= float(stolen.rstrip("%")) <= 100
     assert int(steps) >= 1 and 0 < float(fit_minutes) < 3 and float(predict_seconds) > 0
     assert agreement == "-"  # an unconditional preset: no labels to agree with
     assert 0.1 <= float(confidence) <= 1 and 0 <= float(entropy) <= math.log(10) + 1e-6
@@ -162,6 +164,23 @@ def test_laptop_benchmark_fits_predicts_and_scores_a_preset(classifier, mnist_ro
 
     pixels = read_image(str(grid))
     assert pixels.shape[1] > 28 and pixels.float().std() > 0
+
+
+def test_laptop_benchmark_measures_the_machines_speed(monkeypatch, tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import laptop
+
+    assert laptop.stolen_share((100, 1000), (400, 2000)) == 0.3  # 300 of 1,000 ticks stolen
+    assert laptop.stolen_share(None, (400, 2000)) is None and laptop.stolen_share((1, 5), (1, 5)) is None
+    assert laptop.reference_gflops(size=64, products=2, repeats=3) > 0
+    # /proc/stat's first line: user nice system idle iowait irq softirq steal guest guest_nice
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 50 800 10 0 5 35 0 0\ncpu0 50 0 25 400 5 0 2 17 0 0\n")
+    real_path = laptop.Path
+    monkeypatch.setattr(laptop, "Path", lambda name: stat if name == "/proc/stat" else real_path(name))
+    assert laptop.cpu_times() == (35, 1000)
+    stat.unlink()
+    assert laptop.cpu_times() is None  # no /proc/stat (macOS, Windows): the column says '-'
 
 
 def test_laptop_benchmark_refuses_an_unknown_preset(tmp_path):
