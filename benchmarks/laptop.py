@@ -19,8 +19,8 @@ classifier reads as the digit asked for), since its label entropy is that of the
 Writes ``--output`` (a markdown table: family, steps done, fit minutes, predict seconds,
 confidence, label entropy, label agreement, FID, load average, and the machine's speed: GFLOP/s
 of a matrix product before the fit, the share of CPU time stolen by other tenants during it) and
-``laptop_<family>.png`` (the first 64 samples) beside it. Any failing command stops the run with its error (exit 1); nothing
-is skipped.
+``laptop_<family>.png`` (the first 64 samples) beside it. Any failing command stops the run with
+its error (exit 1); nothing is skipped.
 
     python benchmarks/laptop.py                                  # every preset, ~70 minutes
     python benchmarks/laptop.py --families gan_mnist --minutes 3 # a shorter trial (the table says so)

@@ -349,9 +349,10 @@ class GAN(GenerativeModule):
                 one int, num_samples labels, or by default every class in turn).
             use_ema: sample from the averaged generator (default: when ema_decay was set).
             truncation: the truncation trick (Brock et al. 2019, section 3.1): noise from
-                N(0, I) truncated to [-t, t] in every component. Smaller t gives samples nearer
-                the generator's typical output (clearer, less varied); None (the default) draws
-                the noise the generator was trained on.
+                N(0, I) truncated to [-t, t] in every component. Smaller t draws samples nearer
+                the generator's typical output: less varied, and clearer only where that output
+                is (BigGAN's; the MNIST DCGAN's digits grow less recognisable, see
+                benchmarks/results/laptop.md). None (the default): the training noise.
         """
         self.check_num_samples(num_samples)
         check_truncation(truncation, "truncation")
