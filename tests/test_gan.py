@@ -105,6 +105,57 @@ def test_n_critic_sets_the_ratio_of_steps(tmp_path):
     assert labels == ["discriminator"] * 3 + ["generator"] + ["discriminator"] * 3 + ["generator"]
 
 
+class ForwardCounter:
+    """Counts a network's forward passes."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.count = 0
+        module.register_forward_hook(self.hook)
+
+    def hook(self, module, inputs, output) -> None:
+        self.count += 1
+
+
+@pytest.mark.parametrize("network, n_critic", [("mlp", 1), ("dcgan", 2)])
+def test_reuse_fake_batch_takes_the_steps_of_fresh_batches_of_the_same_noise_with_fewer_forwards(
+        network, n_critic, tmp_path):
+    """With the noise held fixed, a G step on the D step's batch is the G step on a fresh batch:
+    the same weights after every step (only batch norm's running statistics, updated once instead
+    of twice, may differ), with one generator forward pass less per G step."""
+    data_shape, data = ((2,), toy_data(batch_size=8)) if network == "mlp" else ((1, 8, 8), None)
+    kwargs = dict(TINY_TOY) if network == "mlp" else dict(base_channels=4, latent_dim=3)
+    torch.manual_seed(0)
+    fresh = GAN(data_shape, network=network, n_critic=n_critic, **kwargs)
+    reuse = GAN(data_shape, network=network, n_critic=n_critic, reuse_fake_batch=True, **kwargs)
+    reuse.load_state_dict(fresh.state_dict())
+    initial = [parameter.detach().clone() for parameter in fresh.parameters()]
+    z = torch.randn(8, fresh.latent_dim)
+    batches = 2 * n_critic
+    if data is None:
+        images = torch.rand(8 * batches, *data_shape)
+        data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, torch.zeros(len(images))),
+                                           batch_size=8)
+    counters = {}
+    for name, model in (("fresh", fresh), ("reuse", reuse)):
+        model.noise = lambda num_samples, truncation=None: z[:num_samples].clone()
+        counters[name] = ForwardCounter(model.generator)
+        torch.manual_seed(1)
+        trainer = tiny_trainer(tmp_path / name, max_steps=batches + batches // n_critic)
+        if isinstance(data, L.LightningDataModule):
+            trainer.fit(model, datamodule=data)
+        else:
+            trainer.fit(model, train_dataloaders=data)
+    for (name, a), b in zip(fresh.named_parameters(), reuse.parameters()):
+        assert torch.equal(a, b), name  # the same arithmetic in the same order
+    generator_steps = batches // n_critic
+    assert counters["fresh"].count == batches + generator_steps
+    assert counters["reuse"].count == batches
+    # Both networks moved, so the comparison above compared trained weights.
+    moved = [name for (name, a), b in zip(fresh.named_parameters(), initial) if not torch.equal(a, b)]
+    assert any(name.startswith("generator.") for name in moved)
+    assert any(name.startswith("discriminator.") for name in moved)
+
+
 def test_learning_rate_schedules_step_with_their_optimizers(tmp_path):
     model = GAN((2,), lr_schedule="cosine", warmup_steps=4, generator_learning_rate=1e-3,
                 discriminator_learning_rate=2e-3, n_critic=2, **TINY_TOY)

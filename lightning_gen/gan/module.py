@@ -6,7 +6,7 @@ step and, every ``n_critic``-th batch, one generator step (Gulrajani et al. 2017
 
     D step: minimize L_D(D(x), D(G(z))) + lambda_GP E[(||grad D(x_hat)|| - 1)^2]
                                           + gamma / 2 E[||grad D(x)||^2]           (R1)
-    G step: minimize L_G(D(G(z')))   with fresh noise z'
+    G step: minimize L_G(D(G(z')))   with fresh noise z' (or z itself: reuse_fake_batch)
 
 with the non-saturating, hinge or WGAN losses of ``losses.py``. Images are scaled to [-1, 1]
 (the generator ends in tanh); ``sample`` maps them back to [0, 1]. Toy vectors are used as they
@@ -107,6 +107,11 @@ class GAN(GenerativeModule):
         generator_extra_layers: DCGAN only: 3x3 convolutions (batch norm, ReLU) added to the
             generator at H/4 and again at H/2 (0: Radford et al.'s two transposed
             convolutions alone).
+        reuse_fake_batch: the G step scores the batch the D step generated (z' = z, as the
+            PyTorch DCGAN tutorial does) instead of generating a fresh one: one generator
+            forward pass less per G step, the largest part of a step when the generator is the
+            bigger network. The discriminator has been updated in between, so the G step still
+            scores the batch anew.
         generator_learning_rate, discriminator_learning_rate: Adam learning rates (the DCGAN
             paper's 2e-4 for both).
         generator_betas, discriminator_betas: Adam's (beta1, beta2) (DCGAN: 0.5, 0.999;
@@ -139,6 +144,7 @@ class GAN(GenerativeModule):
         spectral_norm: bool = False,
         ema_decay: float | None = None,
         generator_extra_layers: int = 0,
+        reuse_fake_batch: bool = False,
         *,
         generator_learning_rate: float = 2e-4,
         discriminator_learning_rate: float = 2e-4,
@@ -176,6 +182,7 @@ class GAN(GenerativeModule):
         self.n_critic = n_critic
         self.gradient_penalty_weight = gradient_penalty_weight
         self.r1_weight = r1_weight
+        self.reuse_fake_batch = reuse_fake_batch
         self.generator_learning_rate = generator_learning_rate
         self.discriminator_learning_rate = discriminator_learning_rate
         self.generator_betas = _check_betas("generator_betas", generator_betas)
@@ -203,10 +210,14 @@ class GAN(GenerativeModule):
         return nn.init.trunc_normal_(z, mean=0.0, std=1.0, a=-truncation, b=truncation)
 
     # -------------------------------------------------------------------------------- losses
-    def discriminator_step_loss(self, real: Tensor, y: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
-        """The D step's loss on a preprocessed real batch (B, *data_shape), and what to log."""
-        with torch.no_grad():
-            fake = self.generator(self.noise(len(real)), y)  # (B, *data_shape), no graph into G
+    def discriminator_step_loss(self, real: Tensor, y: Tensor | None,
+                                fake: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """The D step's loss on a preprocessed real batch (B, *data_shape), and what to log;
+        ``fake``: the generated batch to score (default: a fresh one); no gradient reaches G."""
+        if fake is None:
+            with torch.no_grad():
+                fake = self.generator(self.noise(len(real)), y)  # (B, *data_shape)
+        fake = fake.detach()
         if self.r1_weight > 0:
             real = real.detach().requires_grad_(True)
         real_scores = self.discriminator(real, y)  # (B,)
@@ -226,9 +237,11 @@ class GAN(GenerativeModule):
         logs["d_loss"] = loss
         return loss, logs
 
-    def generator_step_loss(self, num_samples: int, y: Tensor | None) -> Tensor:
-        """The G step's loss on ``num_samples`` fresh samples (with labels y when conditional)."""
-        fake = self.generator(self.noise(num_samples), y)  # (B, *data_shape)
+    def generator_step_loss(self, num_samples: int, y: Tensor | None, fake: Tensor | None = None) -> Tensor:
+        """The G step's loss on ``num_samples`` fresh samples (with labels y when conditional), or
+        on ``fake``, a generated batch that still carries its graph into G."""
+        if fake is None:
+            fake = self.generator(self.noise(num_samples), y)  # (B, *data_shape)
         return generator_loss(self.adversarial_loss, self.discriminator(fake, y))
 
     def score_summary(self, scores: Tensor) -> Tensor:
@@ -263,8 +276,12 @@ class GAN(GenerativeModule):
         real = self.to_model_space(x)  # (B, *data_shape)
         optimizer_g, optimizer_d = self.optimizers()
         scheduler_g, scheduler_d = self.learning_rate_schedulers()
+        generator_step = (batch_idx + 1) % self.n_critic == 0
+        # With reuse_fake_batch, the batch is generated once, with its graph, for both steps.
+        fake = (self.generator(self.noise(len(x)), y)
+                if self.reuse_fake_batch and generator_step else None)  # (B, *data_shape)
 
-        d_loss, logs = self.discriminator_step_loss(real, y)
+        d_loss, logs = self.discriminator_step_loss(real, y, fake)
         self.watch_loss(d_loss)
         optimizer_d.zero_grad(set_to_none=True)  # also drops what the G step left in D
         self.manual_backward(d_loss)
@@ -274,8 +291,8 @@ class GAN(GenerativeModule):
         for name, value in logs.items():
             self.log_metric("train", name, value, batch_size=len(x), prog_bar=name == "d_loss")
 
-        if (batch_idx + 1) % self.n_critic == 0:
-            g_loss = self.generator_step_loss(len(x), y)
+        if generator_step:
+            g_loss = self.generator_step_loss(len(x), y, fake)
             self.watch_loss(g_loss)
             optimizer_g.zero_grad(set_to_none=True)
             self.manual_backward(g_loss)
