@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import datamodules  # noqa: F401  (registers the data modules for --data NAME)
@@ -70,6 +71,21 @@ def cpu_has_bf16_arithmetic() -> bool:
     probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     probes = [probe for probe in probes if probe is not None]
     return not probes or any(probe() for probe in probes)
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles, whose bf16 matrix products made the laptop presets' training
+    steps 1.5-1.6x faster under bf16-mixed than in fp32 (benchmarks/results/laptop.md)."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe is not None and probe())
+
+
+def runs_on_cpu(accelerator) -> bool:
+    """Whether a Trainer given ``accelerator`` (a name, or None / "auto") trains on the CPU."""
+    if accelerator is None or accelerator == "auto":
+        mps = getattr(torch.backends, "mps", None)
+        return not (torch.cuda.is_available() or (mps is not None and mps.is_available()))
+    return accelerator == "cpu"
 
 
 def warn_if_cpu_emulates_bf16(trainer) -> None:
@@ -162,6 +178,17 @@ class GenerativeCLI(LightningCLI):
                            f"{wanted}: use the config it was trained with (or --model "
                            f"{saved.rpartition('.')[2]})")
 
+    def before_instantiate_classes(self) -> None:
+        """``bf16_on_native_cpu``: choose the precision from the CPU before the Trainer exists, and
+        write the choice into the config, so the saved config.yaml names the precision used."""
+        config = self.config.get(str(self.subcommand), self.config)
+        if not config.get("bf16_on_native_cpu"):
+            return
+        trainer = config["trainer"]
+        if runs_on_cpu(trainer.get("accelerator")) and cpu_has_amx():
+            trainer["precision"] = "bf16-mixed"
+            rank_zero_info("bf16_on_native_cpu: this CPU has AMX units: trainer.precision bf16-mixed")
+
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         warn_if_cpu_emulates_bf16(self.trainer)  # once, whichever subcommand runs
@@ -182,6 +209,11 @@ class GenerativeCLI(LightningCLI):
                            "fit first, or pass --ckpt_path PATH")
 
     def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--bf16_on_native_cpu", type=bool, default=False,
+            help="On a CPU with AMX units (bf16 matrix arithmetic), run in bf16-mixed instead of "
+                 "trainer.precision (the laptop presets: their steps ran 1.5-1.6x faster). Elsewhere "
+                 "trainer.precision stands: a CPU without them emulates bf16, slower than fp32.")
         parser.link_arguments("data.data_shape", "model.init_args.data_shape", apply_on="instantiate")
         parser.add_lightning_class_args(SampleLogger, "sample_logger")
         parser.add_lightning_class_args(PredictionWriter, "prediction_writer")

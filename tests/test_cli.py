@@ -198,3 +198,31 @@ def test_bf16_on_a_cpu_without_bf16_arithmetic_warns_how_to_change_it(precision,
     if warned:
         assert messages[0] == ("precision bf16-mixed on a CPU without bf16 arithmetic is emulated, often ten "
                                "times slower than fp32: pass --trainer.precision 32-true")
+
+
+@pytest.mark.parametrize("option, amx, expected", [
+    ("true", True, "bf16-mixed"), ("true", False, "32-true"), ("false", True, "32-true")])
+def test_bf16_on_native_cpu_chooses_bf16_only_on_a_cpu_with_amx(option, amx, expected, run_dir, monkeypatch):
+    """The laptop presets' option: bf16-mixed where the CPU has AMX units, the config's precision
+    elsewhere; the saved config.yaml names the precision the run used. The probe is replaced to
+    stand for either kind of CPU."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    cli = run_cli("fit", "--model", "Autoencoder", "--data", "ToyDataModule", "--data.name", "moons",
+                  "--model.reconstruction_loss", "mse", *QUICK, "--trainer.precision", "32-true",
+                  "--trainer.max_steps", "1", "--trainer.limit_val_batches", "2",
+                  "--bf16_on_native_cpu", option)
+    assert cli.trainer.state.finished
+    assert str(cli.trainer.precision) == expected
+    saved = (Path(cli.trainer.log_dir) / "config.yaml").read_text()
+    assert f"precision: {expected}" in saved
+
+
+def test_runs_on_cpu_follows_the_accelerator_and_what_auto_finds(monkeypatch):
+    from lightning_gen.cli import runs_on_cpu
+
+    assert runs_on_cpu("cpu") and not runs_on_cpu("cuda") and not runs_on_cpu("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert runs_on_cpu("auto") and runs_on_cpu(None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert not runs_on_cpu("auto") and not runs_on_cpu(None)
