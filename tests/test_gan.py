@@ -389,6 +389,25 @@ def test_generator_extra_layers_add_convolutions_at_both_low_resolutions():
                       "ConvTranspose2d", "Tanh"]
 
 
+def test_discriminator_extra_layers_add_convolutions_after_each_strided_one():
+    plain = GAN(base_channels=4, latent_dim=8)
+    deeper = GAN(base_channels=4, latent_dim=8, discriminator_extra_layers=1)
+    convolutions = [layer for layer in deeper.discriminator.modules() if type(layer) is nn.Conv2d]
+    shapes = [(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride) for layer in convolutions]
+    assert shapes == [(1, 4, (4, 4), (2, 2)), (4, 4, (3, 3), (1, 1)),   # c at H/2
+                      (4, 8, (4, 4), (2, 2)), (8, 8, (3, 3), (1, 1))]   # 2c at H/4
+    sizes = []
+    hooks = [layer.register_forward_hook(lambda m, args, out: sizes.append(tuple(out.shape[1:])))
+             for layer in convolutions]
+    assert deeper.discriminator(torch.rand(3, 1, 28, 28)).shape == (3,)
+    for hook in hooks:
+        hook.remove()
+    assert sizes == [(4, 14, 14)] * 2 + [(8, 7, 7)] * 2
+    # 0 keeps the original layers (state-dict names), so earlier checkpoints still load
+    assert [type(layer).__name__ for layer in plain.discriminator.features] == [
+        "Conv2d", "LeakyReLU", "Conv2d", "LeakyReLU"]
+
+
 def test_training_improves_the_energy_distance_on_8gaussians(tmp_path):
     torch.manual_seed(0)
     model = GAN((2,), latent_dim=2, generator_hidden_dims=(32, 32), discriminator_hidden_dims=(32, 32),
@@ -438,6 +457,8 @@ def test_bf16_mixed_dcgan_step(tmp_path, mnist_root):
     (dict(ema_decay=1.0), ValueError, "decay"),
     (dict(generator_extra_layers=-1), ValueError, "generator_extra_layers"),
     (dict(data_shape=(2,), generator_extra_layers=1), ValueError, "dcgan"),
+    (dict(discriminator_extra_layers=-1), ValueError, "discriminator_extra_layers"),
+    (dict(data_shape=(2,), discriminator_extra_layers=1), ValueError, "discriminator_extra_layers applies"),
 ])
 def test_bad_arguments_are_rejected(kwargs, error, message):
     with pytest.raises(error, match=message):

@@ -107,6 +107,8 @@ class GAN(GenerativeModule):
         generator_extra_layers: DCGAN only: 3x3 convolutions (batch norm, ReLU) added to the
             generator at H/4 and again at H/2 (0: Radford et al.'s two transposed
             convolutions alone).
+        discriminator_extra_layers: DCGAN only: 3x3 convolutions (LeakyReLU) added to the
+            discriminator after each strided convolution, at H/2 and at H/4 (0: Radford et al.'s).
         reuse_fake_batch: the G step scores the batch the D step generated (z' = z, as the
             PyTorch DCGAN tutorial does) instead of generating a fresh one: one generator
             forward pass less per G step, the largest part of a step when the generator is the
@@ -144,6 +146,7 @@ class GAN(GenerativeModule):
         spectral_norm: bool = False,
         ema_decay: float | None = None,
         generator_extra_layers: int = 0,
+        discriminator_extra_layers: int = 0,
         reuse_fake_batch: bool = False,
         *,
         generator_learning_rate: float = 2e-4,
@@ -164,10 +167,12 @@ class GAN(GenerativeModule):
             network = "dcgan" if self.is_image else "mlp"
         check_loss(loss)
         checks.at_least(1, latent_dim=latent_dim, base_channels=base_channels, n_critic=n_critic)
-        checks.at_least(0, generator_extra_layers=generator_extra_layers)
-        if generator_extra_layers and network != "dcgan":
-            raise ValueError(f"generator_extra_layers applies to network='dcgan' only, got "
-                             f"network={network!r}")
+        checks.at_least(0, generator_extra_layers=generator_extra_layers,
+                        discriminator_extra_layers=discriminator_extra_layers)
+        for name, value in (("generator_extra_layers", generator_extra_layers),
+                            ("discriminator_extra_layers", discriminator_extra_layers)):
+            if value and network != "dcgan":
+                raise ValueError(f"{name} applies to network='dcgan' only, got network={network!r}")
         if not generator_hidden_dims or not discriminator_hidden_dims:
             raise ValueError("generator_hidden_dims and discriminator_hidden_dims must name at least one width")
         if gradient_penalty_weight is None:
@@ -189,7 +194,7 @@ class GAN(GenerativeModule):
         self.discriminator_betas = _check_betas("discriminator_betas", discriminator_betas)
         self.generator, self.discriminator = build_networks(
             network, self.data_shape, latent_dim, generator_hidden_dims, discriminator_hidden_dims,
-            base_channels, num_classes, spectral_norm, generator_extra_layers)
+            base_channels, num_classes, spectral_norm, generator_extra_layers, discriminator_extra_layers)
         # The average is a submodule: it moves with .to(), and is saved in and restored from
         # checkpoints with the rest of the state dict.
         self.generator_ema = (ExponentialMovingAverage(self.generator, ema_decay)

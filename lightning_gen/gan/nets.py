@@ -150,17 +150,27 @@ class DCGANGenerator(nn.Module):
 
 class DCGANDiscriminator(nn.Module):
     """(B, C, H, W) -> (B,): two stride-2 convolutions with LeakyReLU(0.2) (no batch norm, see
-    the module docstring), then a linear (or projection) head on the flattened features."""
+    the module docstring), then a linear (or projection) head on the flattened features.
+    ``extra_layers`` > 0 adds that many 3x3 convolutions (each with LeakyReLU) after each strided
+    one, at H/2 and at H/4: the generator's ``extra_layers`` mirrored (0 gives the original
+    layers and state-dict names)."""
 
     def __init__(self, data_shape: Sequence[int], base_channels: int,
-                 num_classes: int | None = None) -> None:
+                 num_classes: int | None = None, extra_layers: int = 0) -> None:
         super().__init__()
         channels, height, width = data_shape
+
+        def refine(width: int) -> list[nn.Module]:
+            layers = []
+            for _ in range(extra_layers):
+                layers += [nn.Conv2d(width, width, 3, padding=1), nn.LeakyReLU(LEAKY_SLOPE)]
+            return layers
+
         self.features = nn.Sequential(
             nn.Conv2d(channels, base_channels, 4, stride=2, padding=1),
-            nn.LeakyReLU(LEAKY_SLOPE),  # (B, c, H/2, W/2)
+            nn.LeakyReLU(LEAKY_SLOPE), *refine(base_channels),  # (B, c, H/2, W/2)
             nn.Conv2d(base_channels, 2 * base_channels, 4, stride=2, padding=1),
-            nn.LeakyReLU(LEAKY_SLOPE),  # (B, 2c, H/4, W/4)
+            nn.LeakyReLU(LEAKY_SLOPE), *refine(2 * base_channels),  # (B, 2c, H/4, W/4)
         )
         self.head = ProjectionHead(2 * base_channels * (height // 4) * (width // 4), num_classes)
 
@@ -198,6 +208,7 @@ def build_networks(
     num_classes: int | None = None,
     spectral_norm: bool = False,
     generator_extra_layers: int = 0,
+    discriminator_extra_layers: int = 0,
 ) -> tuple[nn.Module, nn.Module]:
     """(generator, discriminator) of the named pair; image generators end in tanh."""
     check_network(network, data_shape)
@@ -209,7 +220,8 @@ def build_networks(
     else:
         generator = DCGANGenerator(latent_dim, base_channels, data_shape, num_classes,
                                    generator_extra_layers)
-        discriminator = DCGANDiscriminator(data_shape, base_channels, num_classes)
+        discriminator = DCGANDiscriminator(data_shape, base_channels, num_classes,
+                                           discriminator_extra_layers)
     if spectral_norm:
         add_spectral_norm(discriminator)
     return generator, discriminator
