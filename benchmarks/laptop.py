@@ -17,8 +17,9 @@ the i-th test digit's label; its row adds the label agreement (the fraction of s
 classifier reads as the digit asked for), since its label entropy is that of the labels asked for.
 
 Writes ``--output`` (a markdown table: family, steps done, fit minutes, predict seconds,
-confidence, label entropy, label agreement, FID, load average, and the machine's speed: GFLOP/s
-of a matrix product before the fit, the share of CPU time stolen by other tenants during it) and
+confidence, label entropy, label agreement, FID, load average, the machine's speed: GFLOP/s
+of a matrix product before the fit, the share of CPU time stolen by other tenants during it, and
+the precision the fit ran in) and
 ``laptop_<family>.png`` (the first 64 samples) beside it. Any failing command stops the run with
 its error (exit 1); nothing is skipped.
 
@@ -50,6 +51,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers
 from arguments import count, feature_network_file  # noqa: E402
 
+from lightning_gen.cli import cpu_has_amx  # noqa: E402
 from lightning_gen.metrics import (  # noqa: E402
     digit_scores, extract_features, fid_kid_from_features, load_feature_network, load_mnist_classifier,
     real_features,
@@ -120,6 +122,17 @@ def batches_trained(state: dict) -> int:
     return int(state["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"])
 
 
+def fit_precision(folder: Path) -> str:
+    """The precision the fit ran in, from the config.yaml LightningCLI saved (which records the
+    choice of ``bf16_on_native_cpu``)."""
+    import yaml
+
+    saved = sorted(folder.rglob("config.yaml"))
+    if len(saved) != 1:
+        raise CommandFailed(f"{folder}: expected one saved config.yaml of the fit, found {len(saved)}")
+    return str(yaml.safe_load(saved[0].read_text())["trainer"]["precision"])
+
+
 def max_time(minutes: float) -> str:
     seconds = round(minutes * 60)
     return f"00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
@@ -139,6 +152,7 @@ def evaluate(family: str, args: argparse.Namespace, scorer, features, real, test
     before = cpu_times()
     fit_seconds = run(fit, folder)
     stolen = stolen_share(before, cpu_times())
+    precision = fit_precision(folder)
     checkpoint = folder / "checkpoints" / "cpu" / family / "last.ckpt"
     predict_seconds = run(cli + ["predict", "--config", str(config), "--ckpt_path", str(checkpoint),
                                  "--data.init_args.num_predict_samples", str(args.num_samples)], folder)
@@ -156,7 +170,7 @@ def evaluate(family: str, args: argparse.Namespace, scorer, features, real, test
     return dict(family=family, steps=batches_trained(state), fit_minutes=fit_seconds / 60,
                 predict_seconds=predict_seconds, confidence=scores.confidence,
                 label_entropy=scores.label_entropy, label_agreement=scores.label_agreement,
-                fid=float(fid), load=load, gflops=gflops, stolen=stolen,
+                fid=float(fid), load=load, gflops=gflops, stolen=stolen, precision=precision,
                 recognisable=scores.recognisable(MIN_CONFIDENCE, MIN_LABEL_ENTROPY))
 
 
@@ -176,14 +190,15 @@ def table(rows: list[dict], args: argparse.Namespace, feature_network: str) -> l
         f"average before the fit; GFLOP/s = float32 512x512 matrix products on torch's "
         f"{torch.get_num_threads()} threads right before the fit; stolen = the share of the CPU time "
         f"during the fit that the host gave to other virtual machines (/proc/stat; '-' where there "
-        f"is none); "
+        f"is none); precision = the fit's (bf16_on_native_cpu chooses bf16-mixed on CPUs with AMX "
+        f"units; this one has {'them' if cpu_has_amx() else 'none'}); "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}.",
         "",
         f"    python benchmarks/laptop.py {' '.join(sys.argv[1:])}",
         "",
         "| family | steps | fit min | predict s | confidence | label entropy | label agreement | FID | goal met "
-        "| load | GFLOP/s | stolen |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+        "| load | GFLOP/s | stolen | precision |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|",
     ]
     for row in rows:
         lines.append(
@@ -192,7 +207,7 @@ def table(rows: list[dict], args: argparse.Namespace, feature_network: str) -> l
             f"| {'-' if row['label_agreement'] is None else format(row['label_agreement'], '.3f')} "
             f"| {row['fid']:.1f} "
             f"| {'yes' if row['recognisable'] else 'no'} | {row['load']:.1f} | {row['gflops']:.0f} "
-            f"| {'-' if row['stolen'] is None else format(row['stolen'], '.0%')} |")
+            f"| {'-' if row['stolen'] is None else format(row['stolen'], '.0%')} | {row['precision']} |")
     lines += ["", *[f"![{row['family']}](laptop_{row['family']}.png)" for row in rows]]
     return lines
 

@@ -28,6 +28,21 @@ def test_throughput_script_measures_every_family(mnist_root):
         assert all(float(cell) > 0 for cell in row[2:]), row
 
 
+def test_cpu_bf16_script_times_both_precisions_of_the_laptop_presets(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "cpu_bf16.py"), "--families", "gan_mnist", "diffusion_mnist",
+         "--batch-size", "2", "--steps", "1", "--repeats", "1", "--threads", "1"],
+        env={**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}, cwd=tmp_path,
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("CPU: ")
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| preset")]
+    assert [row[0].strip() for row in rows] == ["gan_mnist", "diffusion_mnist"]
+    for row in rows:  # batch, fp32 ms, bf16 ms, speed-up: all measured
+        assert int(row[1]) == 2 and all(float(cell) > 0 for cell in row[2:]), row
+
+
 def test_loader_script_measures_the_cache_and_torchvision(tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "loader.py"), "--num-images", "40", "--image-size", "8",

@@ -60,6 +60,9 @@ def test_presets_cover_every_image_family_and_stop_on_time_on_the_cpu():
         trainer = config["trainer"]
         assert trainer["max_time"] == "00:00:10:00" and trainer["max_epochs"] == -1, name
         assert trainer["accelerator"] == "cpu", name
+        # fp32 unless the CPU has AMX units (bf16_on_native_cpu): elsewhere bf16 is slower
+        assert trainer["precision"] == "32-true", name
+        assert config.get("bf16_on_native_cpu", False) in (True, False), name
         # no max_steps: a schedule sized by a step count would be cut at a machine-dependent
         # point, so a cosine follows the time spent (GenerativeModule.configure_optimizers)
         assert "max_steps" not in trainer, name
@@ -150,8 +153,9 @@ def test_laptop_benchmark_fits_predicts_and_scores_a_preset(classifier, mnist_ro
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in output.read_text().splitlines() if line.startswith("| vae_mnist")]
     assert len(rows) == 1
-    family, steps, fit_minutes, predict_seconds, confidence, entropy, agreement, fid, met, load, gflops, stolen = (
-        c.strip() for c in rows[0])
+    (family, steps, fit_minutes, predict_seconds, confidence, entropy, agreement, fid, met, load, gflops, stolen,
+     precision) = (c.strip() for c in rows[0])
+    assert precision == "32-true"  # the VAE preset as written
     assert float(load) >= 0 and float(gflops) > 0
     if Path("/proc/stat").exists():
         assert 0 <= float(stolen.rstrip("%")) <= 100
