@@ -75,7 +75,8 @@ def cpu_has_bf16_arithmetic() -> bool:
 
 def cpu_has_amx() -> bool:
     """Whether this CPU has AMX tiles, whose bf16 matrix products made the laptop presets' training
-    steps 1.5-1.6x faster under bf16-mixed than in fp32 (benchmarks/results/laptop.md)."""
+    arithmetic 1.27-1.74x faster under bf16 autocast than in fp32; with AVX512-BF16 alone it was
+    slower than fp32 (benchmarks/results/laptop.md, runs AP-AR)."""
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
     return bool(probe is not None and probe())
 
@@ -212,8 +213,8 @@ class GenerativeCLI(LightningCLI):
         parser.add_argument(
             "--bf16_on_native_cpu", type=bool, default=False,
             help="On a CPU with AMX units (bf16 matrix arithmetic), run in bf16-mixed instead of "
-                 "trainer.precision (the laptop presets: their steps ran 1.5-1.6x faster). Elsewhere "
-                 "trainer.precision stands: a CPU without them emulates bf16, slower than fp32.")
+                 "trainer.precision (the laptop presets' training arithmetic ran 1.3-1.7x faster). "
+                 "Elsewhere trainer.precision stands: bf16 measured slower than fp32 there.")
         parser.link_arguments("data.data_shape", "model.init_args.data_shape", apply_on="instantiate")
         parser.add_lightning_class_args(SampleLogger, "sample_logger")
         parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
