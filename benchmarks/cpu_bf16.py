@@ -34,8 +34,10 @@ FAMILIES = ("gan_mnist", "diffusion_mnist")
 
 
 def cpu_features() -> str:
+    from lightning_gen.cli import cpu_probe
+
     probes = {"AMX": "_is_amx_tile_supported", "AVX512-BF16": "_is_avx512_bf16_supported"}
-    found = [name for name, probe in probes.items() if getattr(torch.cpu, probe, lambda: False)()]
+    found = [name for name, probe in probes.items() if cpu_probe(probe)]
     limit = os.environ.get("ONEDNN_MAX_CPU_ISA")
     return (", ".join(found) or "no bf16 instructions") + (f"; ONEDNN_MAX_CPU_ISA={limit}" if limit else "")
 

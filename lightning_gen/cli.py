@@ -63,22 +63,27 @@ class CLIError(ValueError):
     """A command that cannot do what it says; the message says what to change."""
 
 
+def cpu_probe(name: str) -> bool | None:
+    """What torch's CPU feature probe ``torch.cpu.<name>`` says; None where this torch has none."""
+    probe = getattr(torch.cpu, name, None)
+    return None if probe is None else bool(probe())
+
+
 def cpu_has_bf16_arithmetic() -> bool:
     """Whether this CPU computes in bf16 itself (AVX512-BF16 or AMX). Without it, autocast to bf16
     emulates each op: one training step of configs/pixeltransformer_cifar10.yaml took 117 s
     bf16-mixed against 9 s in fp32 on such a CPU (2026-12-02). Unknown (a torch without these
     probes) counts as yes, so that nothing warns by mistake."""
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    probes = [probe for probe in probes if probe is not None]
-    return not probes or any(probe() for probe in probes)
+    known = [found for found in map(cpu_probe, ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+             if found is not None]
+    return not known or any(known)
 
 
 def cpu_has_amx() -> bool:
     """Whether this CPU has AMX tiles, whose bf16 matrix products made the laptop presets' training
     arithmetic 1.27-1.74x faster under bf16 autocast than in fp32; with AVX512-BF16 alone it was
     slower than fp32 (benchmarks/results/laptop.md, runs AP-AR)."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(probe is not None and probe())
+    return bool(cpu_probe("_is_amx_tile_supported"))
 
 
 def runs_on_cpu(accelerator) -> bool:
