@@ -286,6 +286,34 @@ def test_every_config_trains_two_steps_as_written(config, run_dir, mnist_root):
     assert trained and all(torch.isfinite(value) for value in trained.values()), trained
 
 
+BF16_ON_AMX_PRESETS = [config for config in ALL_CONFIGS
+                       if yaml.safe_load((CONFIGS / config).read_text()).get("bf16_on_native_cpu")]
+
+
+@pytest.mark.parametrize("config", BF16_ON_AMX_PRESETS)
+def test_presets_with_bf16_on_native_cpu_train_in_bf16_on_a_cpu_with_amx(config, run_dir, mnist_root,
+                                                                         monkeypatch):
+    """The test above runs these presets in the precision this machine's CPU gets; here the AMX
+    probe stands for a CPU that has the units, so their bf16 path runs as written on any machine:
+    the Trainer is bf16-mixed and the networks really compute in bfloat16."""
+    assert BF16_ON_AMX_PRESETS  # the GAN, diffusion and flow matching presets set it
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    dtypes = set()
+    cli = run_cli("--config", str(CONFIGS / config), *QUICK, "--trainer.max_steps", "2",
+                  "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2",
+                  "--trainer.num_sanity_val_steps", "0", "--data.init_args.batch_size", "2",
+                  "--sample_logger.num_samples", "4", run=False)
+    assert str(cli.trainer.precision) == "bf16-mixed"
+    convolutions = [module for module in cli.model.modules() if isinstance(module, torch.nn.Conv2d)]
+    for module in convolutions:
+        module.register_forward_hook(lambda module, inputs, output: dtypes.add(output.dtype))
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step >= 2 and torch.bfloat16 in dtypes
+    trained = {key: value for key, value in cli.trainer.callback_metrics.items()
+               if key in ("train/loss", "train/d_loss")}
+    assert trained and all(torch.isfinite(value) for value in trained.values()), trained
+
+
 def test_bf16_with_gradient_clipping_trains(run_dir):
     fitted = run_cli("fit", "--config", str(CONFIGS / "realnvp_moons.yaml"), *QUICK, *TINY_FIT,
                      "--trainer.precision", "bf16-mixed", "--trainer.callbacks", "[]")
