@@ -55,6 +55,10 @@ from torch import Tensor, nn
 
 from lightning_gen.metrics.likelihood import bits_per_dim
 from lightning_gen.nn.ema import ExponentialMovingAverage, select_network
+from lightning_gen.runtime import skip_nvml_probe_without_driver
+
+# After Lightning's import, which sets the variable this looks at (see lightning_gen/runtime.py).
+skip_nvml_probe_without_driver()
 
 LR_SCHEDULES = ("constant", "cosine")
 #: Seconds between two updates of the training values shown in the progress bar (``prog_bar``
