@@ -71,7 +71,7 @@ class ExponentialMovingAverage(nn.Module):
         torch._foreach_lerp_(averaged, current, [weight] * len(averaged))
         if averaged_buffers:
             torch._foreach_copy_(averaged_buffers, buffers)
-        self.num_updates += 1
+        self.num_updates.add_(1)  # in place: += would re-register the buffer (nn.Module.__setattr__)
 
     def _apply(self, *args, **kwargs):
         self._pairs = None
