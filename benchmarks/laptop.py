@@ -25,6 +25,9 @@ its error (exit 1); nothing is skipped.
 
     python benchmarks/laptop.py                                  # every preset, ~70 minutes
     python benchmarks/laptop.py --families gan_mnist --minutes 3 # a shorter trial (the table says so)
+    # predict again from the checkpoints an earlier run left in --scratch, with other predict options
+    python benchmarks/laptop.py --families gan_mnist --scratch <earlier scratch> --predict-only \
+        --predict-args="--model.init_args.predict_rejection_gamma 0" --output <another table>
 
 The feature network defaults to $LIGHTNING_GEN_FEATURE_NETWORK or checkpoints/mnist_features/
 last.ckpt (``python cli.py features fit --config configs/mnist_features.yaml``).
@@ -141,21 +144,28 @@ def max_time(minutes: float) -> str:
 def evaluate(family: str, args: argparse.Namespace, scorer, features, real, test_labels) -> dict:
     config = PRESETS / f"{family}.yaml"
     folder = args.scratch / family
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    cli = [sys.executable, str(REPO / "cli.py")]
-    load = os.getloadavg()[0]
-    gflops = reference_gflops()
-    fit = cli + ["fit", "--config", str(config)]
-    if args.minutes is not None:
-        fit += ["--trainer.max_time", max_time(args.minutes)]
-    before = cpu_times()
-    fit_seconds = run(fit, folder)
-    stolen = stolen_share(before, cpu_times())
-    precision = fit_precision(folder)
     checkpoint = folder / "checkpoints" / "cpu" / family / "last.ckpt"
+    cli = [sys.executable, str(REPO / "cli.py")]
+    if args.predict_only:  # the fit of an earlier run: its checkpoint, no fit figures
+        if not checkpoint.is_file():
+            raise CommandFailed(f"--predict-only: no checkpoint {checkpoint} from an earlier run")
+        # (nor the fit's precision: each predict rewrites the saved config.yaml the fit left)
+        fit_seconds = load = gflops = stolen = precision = None
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        load = os.getloadavg()[0]
+        gflops = reference_gflops()
+        fit = cli + ["fit", "--config", str(config)]
+        if args.minutes is not None:
+            fit += ["--trainer.max_time", max_time(args.minutes)]
+        before = cpu_times()
+        fit_seconds = run(fit, folder)
+        stolen = stolen_share(before, cpu_times())
+        precision = fit_precision(folder)
     predict_seconds = run(cli + ["predict", "--config", str(config), "--ckpt_path", str(checkpoint),
-                                 "--data.init_args.num_predict_samples", str(args.num_samples)], folder)
+                                 "--data.init_args.num_predict_samples", str(args.num_samples),
+                                 *args.predict_args.split()], folder)
     samples = torch.load(folder / "outputs" / "cpu" / family / "samples.pt")  # uint8 (N, 1, 28, 28)
     if len(samples) != args.num_samples:
         raise CommandFailed(f"{family}: predict wrote {len(samples)} samples, asked {args.num_samples}")
@@ -167,7 +177,8 @@ def evaluate(family: str, args: argparse.Namespace, scorer, features, real, test
     fid, _ = fid_kid_from_features(real, extract_features(features, images),
                                    kid_subset_size=min(1000, len(images)))
     save_image(images[:64], args.output.parent / f"laptop_{family}.png", nrow=8, padding=2, pad_value=0.5)
-    return dict(family=family, steps=batches_trained(state), fit_minutes=fit_seconds / 60,
+    return dict(family=family, steps=batches_trained(state),
+                fit_minutes=None if fit_seconds is None else fit_seconds / 60,
                 predict_seconds=predict_seconds, confidence=scores.confidence,
                 label_entropy=scores.label_entropy, label_agreement=scores.label_agreement,
                 fid=float(fid), load=load, gflops=gflops, stolen=stolen, precision=precision,
@@ -177,6 +188,9 @@ def evaluate(family: str, args: argparse.Namespace, scorer, features, real, test
 def table(rows: list[dict], args: argparse.Namespace, feature_network: str) -> list[str]:
     budget = "each preset's own max_time (10 minutes)" if args.minutes is None else \
         f"max_time overridden to {args.minutes} minutes (a trial, not the presets as written)"
+    if args.predict_only:
+        budget = (f"none here: predict only, from the checkpoints of an earlier run in {args.scratch}"
+                  + (f", with `{args.predict_args}`" if args.predict_args else ""))
     lines = [
         f"# Laptop presets on MNIST ({datetime.date.today()})",
         "",
@@ -200,14 +214,15 @@ def table(rows: list[dict], args: argparse.Namespace, feature_network: str) -> l
         "| load | GFLOP/s | stolen | precision |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|",
     ]
+    def shown(value, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
     for row in rows:
         lines.append(
-            f"| {row['family']} | {row['steps']} | {row['fit_minutes']:.1f} | {row['predict_seconds']:.0f} "
-            f"| {row['confidence']:.3f} | {row['label_entropy']:.3f} "
-            f"| {'-' if row['label_agreement'] is None else format(row['label_agreement'], '.3f')} "
-            f"| {row['fid']:.1f} "
-            f"| {'yes' if row['recognisable'] else 'no'} | {row['load']:.1f} | {row['gflops']:.0f} "
-            f"| {'-' if row['stolen'] is None else format(row['stolen'], '.0%')} | {row['precision']} |")
+            f"| {row['family']} | {row['steps']} | {shown(row['fit_minutes'], '.1f')} | {row['predict_seconds']:.0f} "
+            f"| {row['confidence']:.3f} | {row['label_entropy']:.3f} | {shown(row['label_agreement'], '.3f')} "
+            f"| {row['fid']:.1f} | {'yes' if row['recognisable'] else 'no'} | {shown(row['load'], '.1f')} "
+            f"| {shown(row['gflops'], '.0f')} | {shown(row['stolen'], '.0%')} | {row['precision'] or '-'} |")
     lines += ["", *[f"![{row['family']}](laptop_{row['family']}.png)" for row in rows]]
     return lines
 
@@ -222,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--feature-network", default=None)
     parser.add_argument("--scratch", type=Path, default=REPO / "benchmarks" / "runs" / "laptop")
     parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "laptop.md")
+    parser.add_argument("--predict-only", action="store_true",
+                        help="no fit: predict from the checkpoints an earlier run left in --scratch")
+    parser.add_argument("--predict-args", default="",
+                        help='more predict arguments, e.g. "--model.init_args.predict_rejection_gamma 0"')
     args = parser.parse_args(argv)
     families = [name for name in args.families.split(",") if name]
     unknown = [name for name in families if not (PRESETS / f"{name}.yaml").is_file()]
@@ -230,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"choose from {', '.join(FAMILIES)}")
     if args.num_samples < 2 or (args.minutes is not None and args.minutes <= 0):
         parser.error("--num-samples must be >= 2 and --minutes > 0")
+    if args.predict_only and args.minutes is not None:
+        parser.error("--minutes sets the fit's budget; --predict-only runs no fit")
     feature_network = feature_network_file(parser, args.feature_network)
     scorer = load_mnist_classifier(feature_network)
     features = load_feature_network(feature_network)

@@ -6,7 +6,8 @@ Each ``--option`` is one set of the model's evaluation options (its ``EVALUATION
 checkpoint is loaded with those values, ``--samples`` samples are drawn with the options
 ``predict`` uses (``predict_options``), under seed 0, and scored with the MNIST classifier
 (``lightning_gen.metrics.digit_scores``: confidence = mean maximum softmax, label entropy of the
-predicted-label histogram; real test digits: 0.99 and 2.29):
+predicted-label histogram; real test digits: 0.99 and 2.29), with their FID against the 10,000 test
+digits in the same network's features (as ``benchmarks/laptop.py`` scores a preset's samples):
 
     python benchmarks/sampling_options.py benchmarks/runs/laptop/flow_matching_mnist/checkpoints/cpu/flow_matching_mnist/last.ckpt \\
         --samples 500 --option "predict_sampler=heun predict_steps=10" --option "predict_sampler=heun predict_steps=25"
@@ -31,7 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shar
 from arguments import apply_threads, count, count_or_zero, feature_network_file  # noqa: E402
 
 from lightning_gen.cli import checkpoint_class, read_checkpoint, resolve_class  # noqa: E402
-from lightning_gen.metrics import digit_scores, load_mnist_classifier  # noqa: E402
+from lightning_gen.metrics import (  # noqa: E402
+    digit_scores, extract_features, fid_kid_from_features, load_feature_network, load_mnist_classifier, real_features,
+)
 
 BATCH = 250
 
@@ -87,8 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     scorer = load_mnist_classifier(feature_network)
+    features = load_feature_network(feature_network)
+    from datamodules import MNISTDataModule
+
+    test = MNISTDataModule(download=False)
+    test.setup("test")
+    real = real_features(features, feature_network, torch.cat([x for x, _ in test.test_dataloader()]),
+                         name="MNISTDataModule")
     lines = [f"`{args.checkpoint}` ({cls.__name__}), {args.samples} samples, seed 0:", "",
-             "| options | confidence | label entropy | seconds |", "|---|---:|---:|---:|"]
+             "| options | confidence | label entropy | FID | seconds |", "|---|---:|---:|---:|---:|"]
     for options in option_sets:
         model = cls.load_from_checkpoint(args.checkpoint, map_location="cpu", **options).eval()
         start = time.perf_counter()
@@ -97,9 +107,11 @@ def main(argv: list[str] | None = None) -> int:
         if tuple(images.shape[1:]) != (1, 28, 28):
             parser.error(f"{cls.__name__} draws {tuple(images.shape[1:])}, not MNIST digits (1, 28, 28)")
         scores = digit_scores(images, scorer)
+        fid, _ = fid_kid_from_features(real, extract_features(features, images),
+                                       kid_subset_size=min(1000, len(images)))
         described = " ".join(f"{name}={value}" for name, value in options.items()) or "(defaults)"
         entropy = scores.label_entropy + 0.0  # -0.0 (one label) shown as 0.000
-        lines.append(f"| {described} | {scores.confidence:.3f} | {entropy:.3f} | {seconds:.0f} |")
+        lines.append(f"| {described} | {scores.confidence:.3f} | {entropy:.3f} | {float(fid):.1f} | {seconds:.0f} |")
         print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     print(text)

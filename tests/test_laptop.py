@@ -172,6 +172,29 @@ def test_laptop_benchmark_fits_predicts_and_scores_a_preset(classifier, mnist_ro
     pixels = read_image(str(grid))
     assert pixels.shape[1] > 28 and pixels.float().std() > 0
 
+    # --predict-only: the same checkpoint, predicted again with another option, no fit
+    first_samples = torch.load(tmp_path / "runs" / "vae_mnist" / "outputs" / "cpu" / "vae_mnist" / "samples.pt")
+    again = tmp_path / "again" / "laptop.md"
+    script = [sys.executable, str(REPO / "benchmarks" / "laptop.py"), "--families", "vae_mnist",
+              "--num-samples", "20", "--feature-network", str(checkpoint), "--scratch", str(tmp_path / "runs")]
+    environment = {**os.environ, "LIGHTNING_GEN_DATA": str(mnist_root), "LIGHTNING_GEN_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run(script + ["--predict-only", "--predict-args=--model.init_args.predict_temperature 0.5",
+                                      "--output", str(again)], env=environment, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = next(line.split("|")[1:-1] for line in again.read_text().splitlines() if line.startswith("| vae_mnist"))
+    row = [c.strip() for c in row]
+    assert row[1] == steps and row[2] == "-" and float(row[3]) > 0  # the earlier fit's steps; no fit here
+    assert row[9:] == ["-", "-", "-", "-"]  # no fit: no load, speed, stolen share or fit precision
+    assert "predict only" in again.read_text() and "predict_temperature 0.5" in again.read_text()
+    second_samples = torch.load(tmp_path / "runs" / "vae_mnist" / "outputs" / "cpu" / "vae_mnist" / "samples.pt")
+    assert second_samples.shape == first_samples.shape and not torch.equal(second_samples, first_samples)
+    missing = subprocess.run(script[:-1] + [str(tmp_path / "elsewhere"), "--predict-only", "--output", str(again)],
+                             env=environment, capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 1 and "--predict-only: no checkpoint" in missing.stderr
+    both = subprocess.run(script + ["--predict-only", "--minutes", "1"], capture_output=True, text=True, timeout=120)
+    assert both.returncode == 2 and "--predict-only runs no fit" in both.stderr
+
 
 def test_laptop_benchmark_measures_the_machines_speed(monkeypatch, tmp_path):
     sys.path.insert(0, str(REPO / "benchmarks"))
@@ -223,6 +246,7 @@ def test_sampling_options_scores_each_option_set_of_a_checkpoint(classifier, mni
     assert [row[0].strip() for row in rows] == ["predict_use_ema=True", "predict_use_ema=False"]
     scores = [(float(row[1]), float(row[2])) for row in rows]
     assert all(0.1 <= confidence <= 1 and 0 <= entropy <= math.log(10) + 1e-6 for confidence, entropy in scores)
+    assert all(float(row[3]) > 0 for row in rows)  # FID against the test digits: measured, never 0
     # the option reaches the samples (scores of a six-step GAN may coincide; its samples may not)
     sys.path.insert(0, str(REPO / "benchmarks"))
     import sampling_options
