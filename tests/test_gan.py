@@ -522,3 +522,96 @@ def test_two_process_ddp_fit_through_the_cli(tmp_path):
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Expected to have finished reduction" not in result.stderr
+
+
+# ------------------------------------------------------------ discriminator rejection sampling
+class FirstCoordinate(nn.Module):
+    """A 'generator' that outputs its noise's first coordinate: samples from N(0, 1)."""
+
+    def forward(self, z, y=None):
+        return z[:, :1]
+
+
+class LogSigmoidRatio(nn.Module):
+    """A 'discriminator' whose logit is log sigmoid(+-x): the log-ratio of the density
+    N(0, 1) * sigmoid(x) (label 0, or unconditional) or N(0, 1) * sigmoid(-x) (label 1) to N(0, 1)."""
+
+    def forward(self, x, y=None):
+        sign = 1.0 if y is None else 1.0 - 2.0 * y.float()
+        return torch.nn.functional.logsigmoid(sign * x[:, 0])
+
+
+def tilted_normal_mean() -> float:
+    """Mean of the density proportional to N(0, 1) * sigmoid(x), by quadrature."""
+    x = torch.linspace(-12, 12, 200001, dtype=torch.float64)
+    weight = torch.exp(-x**2 / 2) * torch.sigmoid(x)
+    return float((x * weight).sum() / weight.sum())
+
+
+def ratio_gan(num_classes=None) -> GAN:
+    model = GAN((1,), network="mlp", latent_dim=1, num_classes=num_classes, **{
+        k: v for k, v in TINY_TOY.items() if k != "latent_dim"})
+    model.generator, model.discriminator = FirstCoordinate(), LogSigmoidRatio()
+    return model
+
+
+def test_rejection_acceptance_is_the_density_ratio_over_its_bound_at_gamma_zero():
+    from lightning_gen.gan.module import rejection_acceptance
+
+    bound = torch.tensor(2.0)
+    logits = torch.linspace(-8.0, 1.9, 100)
+    exact = torch.exp(logits - bound)
+    accepted = rejection_acceptance(logits, bound, 0.0)
+    assert torch.allclose(accepted.double(), exact.double(), rtol=1e-4)
+    assert (accepted.diff() > 0).all()  # higher logits are kept more often
+    assert (rejection_acceptance(logits, bound, 2.0) < accepted).all()
+    assert (rejection_acceptance(logits, bound, -2.0) > accepted).all()
+    at_bound = rejection_acceptance(bound.reshape(1), bound, 0.0)
+    assert torch.isfinite(at_bound).all() and 0.99 < at_bound.item() <= 1.0
+
+
+def test_rejection_sampling_draws_the_distribution_the_discriminator_ratio_describes():
+    model = ratio_gan()
+    torch.manual_seed(0)
+    plain = model.sample(4000)[:, 0]
+    torch.manual_seed(0)
+    rejected = model.sample(4000, rejection_gamma=0.0)[:, 0]
+    torch.manual_seed(0)
+    again = model.sample(4000, rejection_gamma=0.0)[:, 0]
+    target = tilted_normal_mean()  # about 0.41; the standard error of 4,000 draws is about 0.015
+    assert abs(plain.mean().item()) < 0.05
+    assert abs(rejected.mean().item() - target) < 0.05, (rejected.mean().item(), target)
+    assert torch.equal(rejected, again)  # reproducible under the seed
+
+
+def test_rejection_sampling_keeps_each_position_with_its_label():
+    model = ratio_gan(num_classes=2)
+    labels = torch.arange(4000) % 2
+    torch.manual_seed(0)
+    samples = model.sample(4000, y=labels, rejection_gamma=0.0)[:, 0]
+    target = tilted_normal_mean()
+    assert abs(samples[labels == 0].mean().item() - target) < 0.07
+    assert abs(samples[labels == 1].mean().item() + target) < 0.07
+
+
+def test_rejection_sampling_refuses_what_it_cannot_do():
+    with pytest.raises(ValueError, match="predict_rejection_gamma needs loss='non_saturating'"):
+        GAN((2,), loss="hinge", predict_rejection_gamma=0.0, **TINY_TOY)
+    hinge = GAN((2,), loss="hinge", **TINY_TOY)
+    with pytest.raises(ValueError, match="rejection_gamma needs loss='non_saturating'"):
+        hinge.sample(2, rejection_gamma=0.0)
+    for bad in (float("nan"), float("inf"), True, "0"):
+        with pytest.raises(ValueError, match="rejection_gamma must be None"):
+            GAN((2,), predict_rejection_gamma=bad, **TINY_TOY)
+    model = ratio_gan()
+    with pytest.raises(RuntimeError, match="lower rejection_gamma"):
+        model.sample(8, rejection_gamma=60.0)  # accepts about e^-60 of the proposals
+
+
+def test_rejection_sampling_leaves_the_discriminator_as_it_was():
+    model = GAN((2,), spectral_norm=True, **TINY_TOY)
+    before = {name: value.clone() for name, value in model.discriminator.state_dict().items()}
+    model.sample(16, rejection_gamma=0.0)
+    assert model.discriminator.training
+    after = model.discriminator.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)  # spectral norm's u, v unchanged

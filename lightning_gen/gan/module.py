@@ -76,6 +76,39 @@ def check_truncation(truncation: float | None, name: str) -> None:
                          f"deviations, got {truncation}")
 
 
+def check_rejection_gamma(gamma: float | None, loss: str, name: str) -> None:
+    if gamma is None:
+        return
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma):
+        raise ValueError(f"{name} must be None (no rejection) or a finite number, got {gamma!r}")
+    if loss != "non_saturating":
+        raise ValueError(f"{name} needs loss='non_saturating', whose discriminator logit estimates "
+                         f"log p_data / p_model; got loss={loss!r}")
+
+
+#: Proposals whose largest discriminator logit starts the rejection sampler's bound (Azadi et al.
+#: 2019's burn-in phase; as in theirs, the bound rises whenever a larger logit is seen), drawn
+#: in chunks of REJECTION_CHUNK to bound the memory.
+REJECTION_BURN_IN = 2048
+REJECTION_CHUNK = 256
+#: Rounds of proposals (one per position still empty) before the sampler gives up.
+REJECTION_MAX_ROUNDS = 1000
+#: Their epsilon: keeps log(1 - exp(logit - bound - epsilon)) finite at the bound.
+REJECTION_EPSILON = 1e-6
+
+
+def rejection_acceptance(logits: Tensor, bound: Tensor, gamma: float) -> Tensor:
+    """Discriminator rejection sampling's acceptance probability (Azadi et al. 2019, eq. 8):
+    sigmoid(F), F = D~ - D~_M - log(1 - exp(D~ - D~_M - epsilon)) - gamma, for logits
+    D~ <= bound D~_M. With gamma = 0 it is exp(D~ - D~_M) to within epsilon: the density ratio
+    p_data / p_model that an optimal discriminator's logit gives, divided by its largest value,
+    i.e. exact rejection sampling from p_model towards p_data. gamma > 0 accepts fewer (the
+    highest logits), gamma < 0 more."""
+    gap = logits.float() - bound.float()  # <= 0; float32 (MPS has no float64) resolves epsilon
+    f = gap - torch.log1p(-torch.exp(gap - REJECTION_EPSILON)) - gamma
+    return torch.sigmoid(f)
+
+
 def zero_gradient_term(parameters) -> Tensor:
     """0 * sum of the parameters: a loss term that gives each of them a zero gradient (see the
     module docstring: it keeps DDP's reducer complete without changing any update)."""
@@ -126,9 +159,11 @@ class GAN(GenerativeModule):
             ``predict --ckpt_path``.
         predict_truncation: the truncation of the noise ``predict`` draws (see ``sample``; None:
             none); like predict_use_ema, not saved, so it can be set at ``predict --ckpt_path``.
+        predict_rejection_gamma: discriminator rejection sampling in ``predict`` (see ``sample``;
+            None: off, 0: the density-ratio acceptance itself); not saved either.
     """
 
-    EVALUATION_OPTIONS = ("predict_use_ema", "predict_truncation")
+    EVALUATION_OPTIONS = ("predict_use_ema", "predict_truncation", "predict_rejection_gamma")
 
     def __init__(
         self,
@@ -158,6 +193,7 @@ class GAN(GenerativeModule):
         warmup_steps: int = 0,
         predict_use_ema: bool | None = None,
         predict_truncation: float | None = None,
+        predict_rejection_gamma: float | None = None,
     ) -> None:
         super().__init__(data_shape, learning_rate=generator_learning_rate, weight_decay=weight_decay,
                          lr_schedule=lr_schedule, warmup_steps=warmup_steps)
@@ -204,6 +240,8 @@ class GAN(GenerativeModule):
         self.predict_use_ema = predict_use_ema
         check_truncation(predict_truncation, "predict_truncation")
         self.predict_truncation = predict_truncation
+        check_rejection_gamma(predict_rejection_gamma, loss, "predict_rejection_gamma")
+        self.predict_rejection_gamma = predict_rejection_gamma
 
     # ----------------------------------------------------------------------------------- noise
     def noise(self, num_samples: int, truncation: float | None = None) -> Tensor:
@@ -361,9 +399,47 @@ class GAN(GenerativeModule):
         finally:
             generator.train(was_training)
 
+    def rejection_generate(self, num_samples: int, y: Tensor | None, use_ema: bool | None,
+                           truncation: float | None, gamma: float) -> Tensor:
+        """Discriminator rejection sampling (Azadi et al. 2019): generator proposals kept with
+        probability ``rejection_acceptance`` of their discriminator logit, until every one of
+        the ``num_samples`` positions (each with its label, when conditional) holds an accepted
+        sample. The bound D~_M starts at the largest logit of ``REJECTION_BURN_IN`` proposals and
+        rises with any larger logit seen. The discriminator was trained against the trained
+        generator; with the averaged one it scores a nearby distribution (an approximation).
+        Output in network space, like ``generate``."""
+        discriminator = self.discriminator
+        was_training = discriminator.training
+        discriminator.eval()  # spectral norm's power iteration must not move while scoring
+        try:
+            burn_in_labels = self.sampling_labels(None, REJECTION_BURN_IN)
+            bound = torch.tensor(-math.inf, device=self.device)
+            for start in range(0, REJECTION_BURN_IN, REJECTION_CHUNK):
+                labels = None if burn_in_labels is None else burn_in_labels[start:start + REJECTION_CHUNK]
+                chunk = self.generate(min(REJECTION_CHUNK, REJECTION_BURN_IN - start), labels, use_ema, truncation)
+                bound = torch.maximum(bound, discriminator(chunk, labels).float().max())
+            samples = torch.empty(num_samples, *self.data_shape, device=self.device)
+            empty = torch.arange(num_samples, device=self.device)  # positions still to fill
+            for _ in range(REJECTION_MAX_ROUNDS):
+                labels = None if y is None else y[empty]
+                proposals = self.generate(len(empty), labels, use_ema, truncation)  # (n, *data_shape)
+                scores = discriminator(proposals, labels).float()  # (n,) logits
+                bound = torch.maximum(bound, scores.max())
+                accepted = torch.rand(len(empty), device=self.device) < rejection_acceptance(scores, bound, gamma)
+                samples[empty[accepted]] = proposals[accepted].to(samples.dtype)
+                empty = empty[~accepted]  # boolean indexing waits for the device: once a round
+                if len(empty) == 0:
+                    return samples
+        finally:
+            discriminator.train(was_training)
+        raise RuntimeError(f"discriminator rejection sampling filled {num_samples - len(empty)} of "
+                           f"{num_samples} samples in {REJECTION_MAX_ROUNDS} rounds of proposals: "
+                           f"lower rejection_gamma (now {gamma}) to accept more")
+
     @torch.no_grad()
     def sample(self, num_samples: int, y: Tensor | int | Sequence[int] | None = None,
-               use_ema: bool | None = None, truncation: float | None = None) -> Tensor:
+               use_ema: bool | None = None, truncation: float | None = None,
+               rejection_gamma: float | None = None) -> Tensor:
         """Draw samples in data space: (num_samples, *data_shape), images in [0, 1].
 
         Args:
@@ -375,11 +451,23 @@ class GAN(GenerativeModule):
                 the generator's typical output: less varied, and clearer only where that output
                 is (BigGAN's; the MNIST DCGAN's digits grow less recognisable, see
                 benchmarks/results/laptop.md). None (the default): the training noise.
+            rejection_gamma: discriminator rejection sampling (Azadi et al. 2019, see
+                ``rejection_generate``; non-saturating loss only): proposals are kept with
+                probability sigmoid(F(D~(x)) - gamma), about exp(D~(x) - D~_M) at gamma = 0, so the
+                samples move from the generator's distribution towards the data's as far as the
+                discriminator's logit estimates log p_data / p_model. Larger gamma keeps fewer
+                and draws longer. None (the default): every proposal is kept.
         """
         self.check_num_samples(num_samples)
         check_truncation(truncation, "truncation")
+        check_rejection_gamma(rejection_gamma, self.adversarial_loss, "rejection_gamma")
         labels = self.sampling_labels(y, num_samples)
-        return self.from_model_space(self.generate(num_samples, labels, use_ema, truncation)).float()
+        if rejection_gamma is None:
+            generated = self.generate(num_samples, labels, use_ema, truncation)
+        else:
+            generated = self.rejection_generate(num_samples, labels, use_ema, truncation, float(rejection_gamma))
+        return self.from_model_space(generated).float()
 
     def predict_options(self) -> dict[str, Any]:
-        return {"use_ema": self.predict_use_ema, "truncation": self.predict_truncation}
+        return {"use_ema": self.predict_use_ema, "truncation": self.predict_truncation,
+                "rejection_gamma": self.predict_rejection_gamma}
