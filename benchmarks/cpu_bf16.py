@@ -11,7 +11,8 @@ medians and the CPU's bf16 features (what ``cli.py --bf16_on_native_cpu`` looks 
 (oneDNN, which runs the convolutions and matrix products, reads ONEDNN_MAX_CPU_ISA at start-up
 and uses no instructions beyond the set named; torch's own probes still describe the CPU.)
 The GAN's loss draws a fresh generated batch for each of its two terms, as its training step
-does without ``reuse_fake_batch``.
+does without ``reuse_fake_batch``. ``--channels-last`` stores the networks' convolution weights
+channels_last first, as ``lightning_gen.callbacks.SpeedOptions(channels_last=True)`` does in a fit.
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--repeats", type=count, default=3, help="alternating fp32 / bf16 measurements")
     parser.add_argument("--batch-size", type=count, default=None, help="default: the preset's")
     parser.add_argument("--threads", type=count, default=None, help="default: torch's")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="convolution weights channels_last (SpeedOptions(channels_last=True))")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -84,6 +87,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for family in args.families:
         model, batch = preset_model(family, args.batch_size)
+        if args.channels_last:
+            from lightning_gen.callbacks import SpeedOptions
+
+            SpeedOptions(channels_last=True).setup(None, model, "fit")
         times = {False: [], True: []}
         for _ in range(args.repeats):
             for bf16 in (False, True):
@@ -91,7 +98,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         fp32, bf16 = statistics.median(times[False]), statistics.median(times[True])
         rows.append({"family": family, "batch": len(batch[0]), "fp32_ms": fp32, "bf16_ms": bf16,
                      "speedup": fp32 / bf16})
-    print(f"CPU: {cpu_features()}; {torch.get_num_threads()} threads; torch {torch.__version__}")
+    print(f"CPU: {cpu_features()}; {torch.get_num_threads()} threads; torch {torch.__version__}"
+          + ("; channels_last weights" if args.channels_last else ""))
     print("| preset | batch | fp32 ms | bf16 ms | bf16 speed-up |")
     print("|---|---:|---:|---:|---:|")
     for row in rows:

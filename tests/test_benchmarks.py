@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from cli_helpers import REPO
 
 
@@ -28,14 +30,17 @@ def test_throughput_script_measures_every_family(mnist_root):
         assert all(float(cell) > 0 for cell in row[2:]), row
 
 
-def test_cpu_bf16_script_times_both_precisions_of_the_laptop_presets(tmp_path):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cpu_bf16_script_times_both_precisions_of_the_laptop_presets(tmp_path, channels_last):
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "cpu_bf16.py"), "--families", "gan_mnist", "diffusion_mnist",
-         "--batch-size", "2", "--steps", "1", "--repeats", "1", "--threads", "1"],
+         "--batch-size", "2", "--steps", "1", "--repeats", "1", "--threads", "1"]
+        + (["--channels-last"] if channels_last else []),
         env={**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}, cwd=tmp_path,
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith("CPU: ")
+    assert ("channels_last weights" in result.stdout.splitlines()[0]) == channels_last
     rows = [line.split("|")[1:-1] for line in result.stdout.splitlines()
             if line.startswith("| ") and not line.startswith("| preset")]
     assert [row[0].strip() for row in rows] == ["gan_mnist", "diffusion_mnist"]
