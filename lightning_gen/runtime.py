@@ -8,7 +8,7 @@ management library (``libnvidia-ml.so.1``), and torch's Adam and AdamW ask it on
 default Linux wheel of torch) the library is absent, the open fails each time, and torch falls
 back to the CUDA runtime's own count (``torch._C._cuda_getDeviceCount``), which is what it
 calls without the variable. On this project's 2-core CPU the failed open took 50 µs per call
-alone and 0.15-0.65 ms per optimizer step in training loops (``benchmarks/results/throughput.md``,
+alone and 0.15-0.7 ms per optimizer step in training loops (``benchmarks/results/throughput.md``,
 "The NVML probe"). Where the library cannot be opened, dropping the variable gives the same
 answer without that cost; where it can (a machine with NVIDIA GPUs) the variable is kept.
 """

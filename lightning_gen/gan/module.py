@@ -453,10 +453,12 @@ class GAN(GenerativeModule):
                 benchmarks/results/laptop.md). None (the default): the training noise.
             rejection_gamma: discriminator rejection sampling (Azadi et al. 2019, see
                 ``rejection_generate``; non-saturating loss only): proposals are kept with
-                probability sigmoid(F(D~(x)) - gamma), about exp(D~(x) - D~_M) at gamma = 0, so the
-                samples move from the generator's distribution towards the data's as far as the
-                discriminator's logit estimates log p_data / p_model. Larger gamma keeps fewer
-                and draws longer. None (the default): every proposal is kept.
+                probability ``rejection_acceptance``, about exp(D~(x) - D~_M) at gamma = 0, so
+                the samples move from the generator's distribution towards the data's as far as
+                the discriminator's logit estimates log p_data / p_model. Larger gamma keeps
+                fewer and draws longer. None (the default): every proposal is kept. On the
+                laptop GAN preset's checkpoints it did not raise the digits' scores
+                (benchmarks/results/laptop.md, run AU).
         """
         self.check_num_samples(num_samples)
         check_truncation(truncation, "truncation")
