@@ -141,6 +141,24 @@ def max_time(minutes: float) -> str:
     return f"00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def test_digit_features(features, feature_network: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The feature network's features of the 10,000 MNIST test digits (cached by
+    ``real_features``) and their labels: what samples are scored against."""
+    from datamodules import MNISTDataModule
+
+    test = MNISTDataModule(download=False)
+    test.setup("test")
+    real = real_features(features, feature_network, torch.cat([x for x, _ in test.test_dataloader()]),
+                         name="MNISTDataModule")
+    return real, test.test_set.labels
+
+
+def samples_fid(real: torch.Tensor, features, images: torch.Tensor) -> float:
+    """FID of ``images`` (N, 1, 28, 28) in [0, 1] against the test digits' features ``real``."""
+    fid, _ = fid_kid_from_features(real, extract_features(features, images), kid_subset_size=min(1000, len(images)))
+    return float(fid)
+
+
 def evaluate(family: str, args: argparse.Namespace, scorer, features, real, test_labels) -> dict:
     config = PRESETS / f"{family}.yaml"
     folder = args.scratch / family
@@ -174,14 +192,13 @@ def evaluate(family: str, args: argparse.Namespace, scorer, features, real, test
     conditional = state["hyper_parameters"].get("num_classes") is not None
     scores = digit_scores(samples, scorer, labels=test_labels[:len(samples)] if conditional else None)
     images = samples.float() / 255
-    fid, _ = fid_kid_from_features(real, extract_features(features, images),
-                                   kid_subset_size=min(1000, len(images)))
+    fid = samples_fid(real, features, images)
     save_image(images[:64], args.output.parent / f"laptop_{family}.png", nrow=8, padding=2, pad_value=0.5)
     return dict(family=family, steps=batches_trained(state),
                 fit_minutes=None if fit_seconds is None else fit_seconds / 60,
                 predict_seconds=predict_seconds, confidence=scores.confidence,
                 label_entropy=scores.label_entropy, label_agreement=scores.label_agreement,
-                fid=float(fid), load=load, gflops=gflops, stolen=stolen, precision=precision,
+                fid=fid, load=load, gflops=gflops, stolen=stolen, precision=precision,
                 recognisable=scores.recognisable(MIN_CONFIDENCE, MIN_LABEL_ENTROPY))
 
 
@@ -222,7 +239,7 @@ def table(rows: list[dict], args: argparse.Namespace, feature_network: str) -> l
             f"| {row['family']} | {row['steps']} | {shown(row['fit_minutes'], '.1f')} | {row['predict_seconds']:.0f} "
             f"| {row['confidence']:.3f} | {row['label_entropy']:.3f} | {shown(row['label_agreement'], '.3f')} "
             f"| {row['fid']:.1f} | {'yes' if row['recognisable'] else 'no'} | {shown(row['load'], '.1f')} "
-            f"| {shown(row['gflops'], '.0f')} | {shown(row['stolen'], '.0%')} | {row['precision'] or '-'} |")
+            f"| {shown(row['gflops'], '.0f')} | {shown(row['stolen'], '.0%')} | {shown(row['precision'], 's')} |")
     lines += ["", *[f"![{row['family']}](laptop_{row['family']}.png)" for row in rows]]
     return lines
 
@@ -254,18 +271,13 @@ def main(argv: list[str] | None = None) -> int:
     feature_network = feature_network_file(parser, args.feature_network)
     scorer = load_mnist_classifier(feature_network)
     features = load_feature_network(feature_network)
-    from datamodules import MNISTDataModule
-
-    test = MNISTDataModule(download=False)
-    test.setup("test")
-    real = real_features(features, feature_network, torch.cat([x for x, _ in test.test_dataloader()]),
-                         name="MNISTDataModule")
+    real, test_labels = test_digit_features(features, feature_network)
     args.scratch.mkdir(parents=True, exist_ok=True)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for family in families:
         try:
-            rows.append(evaluate(family, args, scorer, features, real, test.test_set.labels))
+            rows.append(evaluate(family, args, scorer, features, real, test_labels))
         except CommandFailed as error:
             print(f"error: {error}", file=sys.stderr)
             return 1

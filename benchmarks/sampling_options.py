@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shar
 from arguments import apply_threads, count, count_or_zero, feature_network_file  # noqa: E402
 
 from lightning_gen.cli import checkpoint_class, read_checkpoint, resolve_class  # noqa: E402
-from lightning_gen.metrics import (  # noqa: E402
-    digit_scores, extract_features, fid_kid_from_features, load_feature_network, load_mnist_classifier, real_features,
-)
+from laptop import samples_fid, test_digit_features  # noqa: E402
+
+from lightning_gen.metrics import digit_scores, load_feature_network, load_mnist_classifier  # noqa: E402
 
 BATCH = 250
 
@@ -91,12 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     scorer = load_mnist_classifier(feature_network)
     features = load_feature_network(feature_network)
-    from datamodules import MNISTDataModule
-
-    test = MNISTDataModule(download=False)
-    test.setup("test")
-    real = real_features(features, feature_network, torch.cat([x for x, _ in test.test_dataloader()]),
-                         name="MNISTDataModule")
+    real, _ = test_digit_features(features, feature_network)
     lines = [f"`{args.checkpoint}` ({cls.__name__}), {args.samples} samples, seed 0:", "",
              "| options | confidence | label entropy | FID | seconds |", "|---|---:|---:|---:|---:|"]
     for options in option_sets:
@@ -107,11 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         if tuple(images.shape[1:]) != (1, 28, 28):
             parser.error(f"{cls.__name__} draws {tuple(images.shape[1:])}, not MNIST digits (1, 28, 28)")
         scores = digit_scores(images, scorer)
-        fid, _ = fid_kid_from_features(real, extract_features(features, images),
-                                       kid_subset_size=min(1000, len(images)))
+        fid = samples_fid(real, features, images)
         described = " ".join(f"{name}={value}" for name, value in options.items()) or "(defaults)"
         entropy = scores.label_entropy + 0.0  # -0.0 (one label) shown as 0.000
-        lines.append(f"| {described} | {scores.confidence:.3f} | {entropy:.3f} | {float(fid):.1f} | {seconds:.0f} |")
+        lines.append(f"| {described} | {scores.confidence:.3f} | {entropy:.3f} | {fid:.1f} | {seconds:.0f} |")
         print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     print(text)
