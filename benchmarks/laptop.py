@@ -17,7 +17,8 @@ the i-th test digit's label; its row adds the label agreement (the fraction of s
 classifier reads as the digit asked for), since its label entropy is that of the labels asked for.
 
 Writes ``--output`` (a markdown table: family, steps done, fit minutes, predict seconds,
-confidence, label entropy, label agreement, FID, load average, the machine's speed: GFLOP/s
+confidence and its standard error, label entropy, label agreement, FID, load average, the
+machine's speed: GFLOP/s
 of a matrix product before the fit, the share of CPU time stolen by other tenants during it, and
 the precision the fit ran in) and
 ``laptop_<family>.png`` (the first 64 samples) beside it. Any failing command stops the run with
@@ -197,6 +198,7 @@ def evaluate(family: str, args: argparse.Namespace, scorer, features, real, test
     return dict(family=family, steps=batches_trained(state),
                 fit_minutes=None if fit_seconds is None else fit_seconds / 60,
                 predict_seconds=predict_seconds, confidence=scores.confidence,
+                confidence_standard_error=scores.confidence_standard_error,
                 label_entropy=scores.label_entropy, label_agreement=scores.label_agreement,
                 fid=fid, load=load, gflops=gflops, stolen=stolen, precision=precision,
                 recognisable=scores.recognisable(MIN_CONFIDENCE, MIN_LABEL_ENTROPY))
@@ -213,7 +215,8 @@ def table(rows: list[dict], args: argparse.Namespace, feature_network: str) -> l
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
         f"{torch.__version__}; fit budget: {budget}. Scores of {args.num_samples} predict samples with "
-        f"the MNIST classifier {feature_network}: confidence = mean max softmax (goal >= {MIN_CONFIDENCE}), "
+        f"the MNIST classifier {feature_network}: confidence = mean max softmax (goal >= {MIN_CONFIDENCE}; "
+        f"s.e.: its standard error, the spread of the mean between draws of as many samples), "
         f"label entropy in nats (goal >= {MIN_LABEL_ENTROPY}; uniform 2.303); FID against the 10,000 "
         f"test digits (few samples bias FID upwards); label agreement (class-conditional presets): "
         f"the fraction of samples the classifier reads as the digit they were drawn for. Fit minutes "
@@ -227,9 +230,9 @@ def table(rows: list[dict], args: argparse.Namespace, feature_network: str) -> l
         "",
         f"    python benchmarks/laptop.py {' '.join(sys.argv[1:])}",
         "",
-        "| family | steps | fit min | predict s | confidence | label entropy | label agreement | FID | goal met "
-        "| load | GFLOP/s | stolen | precision |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|",
+        "| family | steps | fit min | predict s | confidence | s.e. | label entropy | label agreement | FID "
+        "| goal met | load | GFLOP/s | stolen | precision |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|",
     ]
     def shown(value, spec: str) -> str:
         return "-" if value is None else format(value, spec)
@@ -237,7 +240,8 @@ def table(rows: list[dict], args: argparse.Namespace, feature_network: str) -> l
     for row in rows:
         lines.append(
             f"| {row['family']} | {row['steps']} | {shown(row['fit_minutes'], '.1f')} | {row['predict_seconds']:.0f} "
-            f"| {row['confidence']:.3f} | {row['label_entropy']:.3f} | {shown(row['label_agreement'], '.3f')} "
+            f"| {row['confidence']:.3f} | {row['confidence_standard_error']:.3f} | {row['label_entropy']:.3f} "
+            f"| {shown(row['label_agreement'], '.3f')} "
             f"| {row['fid']:.1f} | {'yes' if row['recognisable'] else 'no'} | {shown(row['load'], '.1f')} "
             f"| {shown(row['gflops'], '.0f')} | {shown(row['stolen'], '.0%')} | {shown(row['precision'], 's')} |")
     lines += ["", *[f"![{row['family']}](laptop_{row['family']}.png)" for row in rows]]

@@ -5,9 +5,10 @@ Each ``--option`` is one set of the model's evaluation options (its ``EVALUATION
 ``name=value`` separated by spaces; an empty string: the model's defaults). For each set the
 checkpoint is loaded with those values, ``--samples`` samples are drawn with the options
 ``predict`` uses (``predict_options``), under seed 0, and scored with the MNIST classifier
-(``lightning_gen.metrics.digit_scores``: confidence = mean maximum softmax, label entropy of the
-predicted-label histogram; real test digits: 0.99 and 2.29), with their FID against the 10,000 test
-digits in the same network's features (as ``benchmarks/laptop.py`` scores a preset's samples):
+(``lightning_gen.metrics.digit_scores``: confidence = mean maximum softmax, with its standard
+error; label entropy of the predicted-label histogram; real test digits: 0.99 and 2.29), with
+their FID against the 10,000 test digits in the same network's features (as
+``benchmarks/laptop.py`` scores a preset's samples):
 
     python benchmarks/sampling_options.py benchmarks/runs/laptop/flow_matching_mnist/checkpoints/cpu/flow_matching_mnist/last.ckpt \\
         --samples 500 --option "predict_sampler=heun predict_steps=10" --option "predict_sampler=heun predict_steps=25"
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     features = load_feature_network(feature_network)
     real, _ = test_digit_features(features, feature_network)
     lines = [f"`{args.checkpoint}` ({cls.__name__}), {args.samples} samples, seed 0:", "",
-             "| options | confidence | label entropy | FID | seconds |", "|---|---:|---:|---:|---:|"]
+             "| options | confidence | s.e. | label entropy | FID | seconds |", "|---|---:|---:|---:|---:|---:|"]
     for options in option_sets:
         model = cls.load_from_checkpoint(args.checkpoint, map_location="cpu", **options).eval()
         start = time.perf_counter()
@@ -105,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         fid = samples_fid(real, features, images)
         described = " ".join(f"{name}={value}" for name, value in options.items()) or "(defaults)"
         entropy = scores.label_entropy + 0.0  # -0.0 (one label) shown as 0.000
-        lines.append(f"| {described} | {scores.confidence:.3f} | {entropy:.3f} | {fid:.1f} | {seconds:.0f} |")
+        lines.append(f"| {described} | {scores.confidence:.3f} | {scores.confidence_standard_error:.3f} "
+                     f"| {entropy:.3f} | {fid:.1f} | {seconds:.0f} |")
         print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     print(text)

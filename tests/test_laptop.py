@@ -103,6 +103,22 @@ def test_digit_scores_are_low_on_non_digits(classifier, test_digits):
     assert digit_scores(blurred, classifier.network).confidence < real.confidence - 0.1
 
 
+def test_the_confidence_standard_error_is_the_spread_of_the_mean_between_draws(classifier, test_digits):
+    images, _ = test_digits
+    blurred = F.avg_pool2d(images.float() / 255, 5, stride=1, padding=2)  # a spread of confidences, as samples have
+    scores = digit_scores(blurred, classifier.network)
+    assert 0.003 < scores.confidence_standard_error < 0.03
+    # bootstrap: the means of 200 resamples (with replacement) of the 1,000 images spread by the standard error
+    generator = torch.Generator().manual_seed(0)
+    means = torch.tensor([
+        digit_scores(blurred[torch.randint(len(blurred), (len(blurred),), generator=generator)],
+                     classifier.network).confidence
+        for _ in range(200)])
+    assert float(means.std()) == pytest.approx(scores.confidence_standard_error, rel=0.2)
+    # one image has no spread to estimate
+    assert math.isnan(digit_scores(blurred[:1], classifier.network).confidence_standard_error)
+
+
 def test_label_agreement_says_whether_conditional_samples_are_the_digits_asked_for(classifier, test_digits):
     images, labels = test_digits
     asked = digit_scores(images, classifier.network, labels=labels)
@@ -153,8 +169,8 @@ def test_laptop_benchmark_fits_predicts_and_scores_a_preset(classifier, mnist_ro
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in output.read_text().splitlines() if line.startswith("| vae_mnist")]
     assert len(rows) == 1
-    (family, steps, fit_minutes, predict_seconds, confidence, entropy, agreement, fid, met, load, gflops, stolen,
-     precision) = (c.strip() for c in rows[0])
+    (family, steps, fit_minutes, predict_seconds, confidence, standard_error, entropy, agreement, fid, met, load,
+     gflops, stolen, precision) = (c.strip() for c in rows[0])
     assert precision == "32-true"  # the VAE preset as written
     assert float(load) >= 0 and float(gflops) > 0
     if Path("/proc/stat").exists():
@@ -164,6 +180,7 @@ def test_laptop_benchmark_fits_predicts_and_scores_a_preset(classifier, mnist_ro
     assert int(steps) >= 1 and 0 < float(fit_minutes) < 3 and float(predict_seconds) > 0
     assert agreement == "-"  # an unconditional preset: no labels to agree with
     assert 0.1 <= float(confidence) <= 1 and 0 <= float(entropy) <= math.log(10) + 1e-6
+    assert 0 < float(standard_error) < 0.2  # 20 samples of max softmax in [0.1, 1]
     assert float(fid) > 0 and met in ("yes", "no")
     assert "max_time overridden to 0.1 minutes" in output.read_text()
     grid = Path(output.parent / "laptop_vae_mnist.png")
@@ -185,7 +202,7 @@ def test_laptop_benchmark_fits_predicts_and_scores_a_preset(classifier, mnist_ro
     row = next(line.split("|")[1:-1] for line in again.read_text().splitlines() if line.startswith("| vae_mnist"))
     row = [c.strip() for c in row]
     assert row[1] == steps and row[2] == "-" and float(row[3]) > 0  # the earlier fit's steps; no fit here
-    assert row[9:] == ["-", "-", "-", "-"]  # no fit: no load, speed, stolen share or fit precision
+    assert row[10:] == ["-", "-", "-", "-"]  # no fit: no load, speed, stolen share or fit precision
     assert "predict only" in again.read_text() and "predict_temperature 0.5" in again.read_text()
     second_samples = torch.load(tmp_path / "runs" / "vae_mnist" / "outputs" / "cpu" / "vae_mnist" / "samples.pt")
     assert second_samples.shape == first_samples.shape and not torch.equal(second_samples, first_samples)
@@ -244,9 +261,10 @@ def test_sampling_options_scores_each_option_set_of_a_checkpoint(classifier, mni
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in output.read_text().splitlines() if line.startswith("| predict_")]
     assert [row[0].strip() for row in rows] == ["predict_use_ema=True", "predict_use_ema=False"]
-    scores = [(float(row[1]), float(row[2])) for row in rows]
-    assert all(0.1 <= confidence <= 1 and 0 <= entropy <= math.log(10) + 1e-6 for confidence, entropy in scores)
-    assert all(float(row[3]) > 0 for row in rows)  # FID against the test digits: measured, never 0
+    scores = [(float(row[1]), float(row[2]), float(row[3])) for row in rows]
+    assert all(0.1 <= confidence <= 1 and 0 < standard_error < 0.2 and 0 <= entropy <= math.log(10) + 1e-6
+               for confidence, standard_error, entropy in scores)
+    assert all(float(row[4]) > 0 for row in rows)  # FID against the test digits: measured, never 0
     # the option reaches the samples (scores of a six-step GAN may coincide; its samples may not)
     sys.path.insert(0, str(REPO / "benchmarks"))
     import sampling_options

@@ -10,6 +10,12 @@ reads off a grid. These two are:
 - ``label_entropy``: the entropy (nats) of the histogram of predicted labels. Ten equally
   frequent digits give log(10) = 2.303; a model that draws one digit gives 0. Confident samples
   of a collapsed model, and the noise above, fail here: both numbers are needed.
+- ``confidence_standard_error``: the standard error of that mean (the samples' standard deviation
+  over the square root of their number): how far the confidence of another draw of as many
+  samples from the same model can fall. Generated digits' maximum softmax spreads with a standard
+  deviation of about 0.16, so 1,000 samples give about 0.005: two draws from one checkpoint can
+  differ by 0.01, and a score within a standard error or two of 0.9 does not say on which side
+  the model lies.
 - ``label_agreement`` (class-conditional samples, when their labels are given): the fraction of
   samples the classifier reads as the digit they were drawn for. A conditional model's label
   entropy is set by the labels it was asked for; agreement says whether it drew those digits
@@ -35,6 +41,7 @@ class DigitScores:
     confidence: float
     label_entropy: float
     label_counts: tuple[int, ...]
+    confidence_standard_error: float
     label_agreement: float | None = None
 
     def recognisable(self, min_confidence: float = 0.9, min_label_entropy: float = 2.2) -> bool:
@@ -77,4 +84,6 @@ def digit_scores(images: Tensor, classifier: MNISTFeatureNet, batch_size: int = 
     frequencies = counts[counts > 0].double() / len(predicted)
     entropy = float((frequencies * frequencies.log()).sum().neg().clamp(min=0))
     agreement = None if labels is None else float((predicted == labels.cpu().long()).double().mean())
-    return DigitScores(float(confidence.mean()), entropy, tuple(int(c) for c in counts), agreement)
+    # the standard error needs two samples at least: one has no spread to estimate
+    standard_error = float(confidence.std() / len(confidence) ** 0.5) if len(confidence) > 1 else float("nan")
+    return DigitScores(float(confidence.mean()), entropy, tuple(int(c) for c in counts), standard_error, agreement)
