@@ -340,7 +340,8 @@ class GenerativeModule(L.LightningModule):
     # ---------------------------------------------------------------------- the weight average
     def averaged_network(self) -> tuple[nn.Module, ExponentialMovingAverage | None] | None:
         """(the trained network that is sampled, its moving average or None) for families that
-        can keep an average (Diffusion's denoiser, the GAN's generator); None for the others."""
+        can keep an average (Diffusion's and flow matching's networks, the GAN's generator,
+        PixelCNN's and the pixel transformer's networks); None for the others."""
         return None
 
     def update_average(self) -> None:

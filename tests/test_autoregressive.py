@@ -8,6 +8,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+import lightning as L
 
 from lightning_gen import PixelCNN, PixelTransformer
 from lightning_gen.autoregressive.nets import MaskedConv2d, causal_conv_mask, local_window_sources
@@ -330,10 +331,10 @@ def test_pixelcnn_cache_logits_equal_full_forward(gated, channels, dilations, cl
         full = model(images, y)  # (B, K, C, H, W)
         C, H, W = shape
         for asked in (range(C * H * W), range(5, C * H * W, 4)):
-            cache = model.start_sampling(2)
+            cache = model.start_sampling(model.network, 2)
             for position in asked:
                 row, column, channel = position // (W * C), (position // C) % W, position % C
-                torch.testing.assert_close(model.next_logits(images, position, y, cache),
+                torch.testing.assert_close(model.next_logits(model.network, images, position, y, cache),
                                            full[:, :, channel, row, column], atol=1e-12, rtol=0)
 
 
@@ -366,7 +367,7 @@ def test_pixelcnn_samples_from_its_receptive_field_rows_with_the_whole_image_log
         full = model(images)  # (B, K, C, H, W)
         for position in range(C * H * W):
             row, column, channel = position // (W * C), (position // C) % W, position % C
-            torch.testing.assert_close(model.next_logits(images, position, None, None),
+            torch.testing.assert_close(model.next_logits(model.network, images, position, None, None),
                                        full[:, :, channel, row, column], atol=1e-12, rtol=1e-12)
 
 
@@ -463,6 +464,77 @@ def test_loss_falls_when_overfitting_a_batch(name):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0]
+
+
+class RecordWeights(L.Callback):
+    def __init__(self) -> None:
+        self.weights: list[list[torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.weights.append([p.detach().clone() for p in pl_module.network.parameters()])
+
+
+@pytest.mark.parametrize("name", ["pixelcnn_gated", "pixeltransformer_tokens_local"])
+def test_weight_average_follows_each_step_and_samples_scores_and_predicts(name, tmp_path):
+    """ema_decay keeps a moving average of the network's weights: replayed by hand after each
+    optimizer step, saved in the checkpoint, and the model that sampling, log_prob and the
+    val/test NLL use by default; use_ema=False (predict_use_ema false) reaches the trained weights."""
+    torch.manual_seed(0)
+    model = BUILDERS[name]((1, 6, 6), ema_decay=0.5, learning_rate=1e-2)
+    initial = [p.detach().clone() for p in model.network.parameters()]
+    images = (torch.rand(32, 1, 6, 6) < 0.3).float()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, torch.zeros(32, dtype=torch.long)),
+                                         batch_size=8)
+    recorder = RecordWeights()
+    trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[recorder], default_root_dir=str(tmp_path))
+    trainer.fit(model, train_dataloaders=loader)
+    assert int(model.ema.num_updates) == 4 == len(recorder.weights)
+    expected = initial
+    for n, weights in enumerate(recorder.weights):  # replay the average by hand
+        decay = min(0.5, (1 + n) / (10 + n))
+        expected = [decay * e + (1 - decay) * w for e, w in zip(expected, weights)]
+    for average, hand in zip(model.ema.averaged.parameters(), expected):
+        torch.testing.assert_close(average, hand)
+
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    assert any(key.startswith("ema.averaged.") for key in torch.load(path, weights_only=False)["state_dict"])
+    model = type(model).load_from_checkpoint(path).eval()
+    batch = (images[:8], torch.zeros(8, dtype=torch.long))
+    averaged, trained = model.log_prob(images[:8]), model.log_prob(images[:8], use_ema=False)
+    assert not torch.allclose(averaged, trained)
+    torch.testing.assert_close(model.log_prob(images[:8], use_ema=True), averaged)
+    torch.testing.assert_close(model.loss(batch, 0, "val")[0], -averaged.mean())
+    torch.testing.assert_close(model.loss(batch, 0, "test")[0], -averaged.mean())
+    torch.testing.assert_close(model.loss(batch, 0, "train")[0], -trained.mean())
+
+    draws = {}
+    for use_ema in (None, True, False):
+        torch.manual_seed(3)
+        draws[use_ema] = model.sample(16, use_ema=use_ema)
+    assert torch.equal(draws[None], draws[True]) and not torch.equal(draws[True], draws[False])
+    completions = {}
+    for use_ema in (True, False):  # predict passes predict_use_ema on; completion takes it too
+        model.predict_use_ema = use_ema
+        torch.manual_seed(3)
+        assert torch.equal(model.predict_samples(images[:16], None), draws[use_ema])
+        torch.manual_seed(4)
+        completions[use_ema] = model.complete(images[:16], num_given_rows=2, use_ema=use_ema)
+    assert torch.equal(completions[True][:, :, :2], completions[False][:, :, :2])
+    assert not torch.equal(completions[True], completions[False])
+
+
+def test_weight_average_is_off_by_default_and_asking_for_it_without_one_fails():
+    model = tiny_pixelcnn((1, 4, 4))
+    assert model.ema is None
+    with pytest.raises(ValueError, match="ema_decay"):
+        model.sample(1, use_ema=True)
+    with pytest.raises(ValueError, match="predict_use_ema=True needs a weight average: set ema_decay"):
+        tiny_pixelcnn((1, 4, 4), predict_use_ema=True)
+    with pytest.raises(ValueError, match="EMA decay"):
+        tiny_transformer((1, 4, 4), ema_decay=1.0)
 
 
 def test_bad_arguments():

@@ -35,9 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from torch import nn
+
 from lightning_gen.autoregressive.nets import PixelCNNCache, PixelCNNNet, PixelTransformerNet, token_count
 from lightning_gen import checks
 from lightning_gen.base import GenerativeModule
+from lightning_gen.nn.ema import ExponentialMovingAverage
 
 PREDICT_MODES = ("sample", "complete")
 
@@ -58,6 +61,11 @@ class AutoregressiveModule(GenerativeModule):
             ``predict_given_rows`` rows and sample the rest.
         predict_given_rows: rows given in ``"complete"`` mode; None: the top half.
         predict_temperature: temperature of the samples ``predict`` draws.
+        ema_decay: decay of a moving average of the network's weights (Polyak averaging, as
+            PixelCNN++ samples with), updated after every optimizer step; when set, sampling,
+            completion, ``log_prob`` and the val/test NLL use the average (None: no average).
+        predict_use_ema: whether ``predict`` samples from the average (default: when there is
+            one); False samples the trained weights of the same checkpoint.
         optimizer_options: learning_rate, weight_decay, lr_schedule, warmup_steps (keywords): see
             GenerativeModule.
 
@@ -65,7 +73,7 @@ class AutoregressiveModule(GenerativeModule):
     ``cli.py predict --ckpt_path ... --model.init_args.predict_mode complete`` takes effect.
     """
 
-    EVALUATION_OPTIONS = ("predict_mode", "predict_given_rows", "predict_temperature")
+    EVALUATION_OPTIONS = ("predict_mode", "predict_given_rows", "predict_temperature", "predict_use_ema")
 
     def __init__(
         self,
@@ -77,6 +85,8 @@ class AutoregressiveModule(GenerativeModule):
         predict_mode: str = "sample",
         predict_given_rows: int | None = None,
         predict_temperature: float = 1.0,
+        ema_decay: float | None = None,
+        predict_use_ema: bool | None = None,
         **optimizer_options: Any,
     ) -> None:
         super().__init__(data_shape, **optimizer_options)
@@ -96,12 +106,25 @@ class AutoregressiveModule(GenerativeModule):
             raise ValueError(f"predict_given_rows must be in 0..{height} or None (half), "
                              f"got {predict_given_rows}")
         checks.positive(predict_temperature=predict_temperature)
+        if predict_use_ema and ema_decay is None:
+            raise ValueError("predict_use_ema=True needs a weight average: set ema_decay")
+        self.ema_decay = ema_decay
+        self.predict_use_ema = predict_use_ema
         self.num_levels = num_levels
         self.dynamic_binarization = bool(dynamic_binarization)
         self.num_classes = num_classes
         self.predict_mode = predict_mode
         self.predict_given_rows = predict_given_rows
         self.predict_temperature = predict_temperature
+
+    def set_network(self, network: nn.Module) -> None:
+        """The subclass's network, and its weight average when ``ema_decay`` is set."""
+        self.network = network
+        self.ema = (ExponentialMovingAverage(network, self.ema_decay)
+                    if self.ema_decay is not None else None)
+
+    def averaged_network(self) -> tuple[nn.Module, ExponentialMovingAverage | None]:
+        return self.network, self.ema
 
     # --------------------------------------------------------------------------- quantization
     def quantize(self, x: Tensor) -> Tensor:
@@ -124,16 +147,24 @@ class AutoregressiveModule(GenerativeModule):
 
     # ------------------------------------------------------------------------------ likelihood
     def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
-        """Images on the K-level grid (B, C, H, W) -> logits (B, K, C, H, W)."""
+        """Images on the K-level grid (B, C, H, W) -> logits (B, K, C, H, W), of the trained
+        network."""
+        return self.logits(self.network, x, y)
+
+    def logits(self, network: nn.Module, x: Tensor, y: Tensor | None) -> Tensor:
+        """``forward`` through ``network``: the trained one or its average."""
         raise NotImplementedError
 
-    def negative_log_likelihood(self, levels: Tensor, y: Tensor | None) -> Tensor:
-        """-log p(x) = sum over the C*H*W values of the cross-entropy, in nats: (B,)."""
-        logits = self(self.levels_to_images(levels), y).float()  # (B, K, C, H, W)
+    def negative_log_likelihood(self, levels: Tensor, y: Tensor | None,
+                                network: nn.Module | None = None) -> Tensor:
+        """-log p(x) = sum over the C*H*W values of the cross-entropy, in nats: (B,), under
+        ``network`` (default: the trained one)."""
+        network = self.network if network is None else network
+        logits = self.logits(network, self.levels_to_images(levels), y).float()  # (B, K, C, H, W)
         return F.cross_entropy(logits, levels, reduction="none").flatten(1).sum(1)
 
     @torch.no_grad()
-    def log_prob(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+    def log_prob(self, x: Tensor, y: Tensor | None = None, use_ema: bool | None = None) -> Tensor:
         """Exact log p(x) in nats per image, (B,), for x as the data module yields it.
 
         For K = 2, non-binary x is binarized once (a random draw, or rounded without dynamic
@@ -141,57 +172,65 @@ class AutoregressiveModule(GenerativeModule):
         Conditional models give log p(x | y) for labels y, and without y the exact marginal
         log p(x) = log (1/N) sum_y p(x | y) under the uniform label prior that ``sample`` uses
         (N network passes).
+        ``use_ema``: under the weight average (default: when there is one) or the trained weights.
         """
         self.check_data(x)
+        network = self.sampling_network(use_ema)
         levels = self.quantize(x)
         if self.num_classes is not None and y is None:
             per_class = [
-                -self.negative_log_likelihood(levels, torch.full((len(x),), label, device=x.device))
+                -self.negative_log_likelihood(levels, torch.full((len(x),), label, device=x.device),
+                                              network)
                 for label in range(self.num_classes)
             ]
             return torch.logsumexp(torch.stack(per_class), dim=0) - math.log(self.num_classes)
-        return -self.negative_log_likelihood(levels, self.sampling_labels(y, len(x)))
+        return -self.negative_log_likelihood(levels, self.sampling_labels(y, len(x)), network)
 
     # -------------------------------------------------------------------------------- training
     def loss(self, batch: tuple[Tensor, Tensor], batch_idx: int, stage: str) -> tuple[Tensor, dict]:
         x, y = batch
         levels = self.quantize(x)  # (B, C, H, W)
-        nll = self.negative_log_likelihood(levels, self.batch_labels(y))  # (B,)
+        # validation and test score the weights that sample (the average when there is one)
+        network = self.network if stage == "train" else self.sampling_network()
+        nll = self.negative_log_likelihood(levels, self.batch_labels(y), network)  # (B,)
         # The loss is the exact NLL, so train/nll and train/bpd cost nothing; logged in every
         # stage, as the flow does, so likelihood panels compare the two families while training.
         return nll.mean(), {"nll": nll.detach()}
 
     # -------------------------------------------------------------------------------- sampling
-    def start_sampling(self, batch_size: int, **options: Any) -> Any:
-        """Per-run state of the sampling loop (the transformer's key/value cache); None here."""
+    def start_sampling(self, network: nn.Module, batch_size: int, **options: Any) -> Any:
+        """Per-run state of the sampling loop through ``network`` (a cache); None here."""
         if options:
             raise TypeError(f"unknown sampling options {sorted(options)} for {type(self).__name__}")
         return None
 
-    def next_logits(self, images: Tensor, position: int, y: Tensor | None, state: Any) -> Tensor:
+    def next_logits(self, network: nn.Module, images: Tensor, position: int, y: Tensor | None,
+                    state: Any) -> Tensor:
         """Logits (B, K) of value ``position`` (raster index) given the values before it."""
         raise NotImplementedError
 
     def sample_levels(self, levels: Tensor, given: Tensor, y: Tensor | None,
-                      temperature: float, **options: Any) -> Tensor:
+                      temperature: float, use_ema: bool | None = None, **options: Any) -> Tensor:
         """Fill the values of ``levels`` (B, C, H, W) where ``given`` is False, in raster order,
         each drawn from Categorical(logits / temperature) given every value before it.
 
         Positions given in every image of the batch are skipped (no network call, no random
-        draw); the others are drawn for the whole batch and kept where not given.
+        draw); the others are drawn for the whole batch and kept where not given. ``use_ema``:
+        draw from the weight average (default: when there is one) or the trained weights.
         """
         checks.positive(temperature=temperature)
+        network = self.sampling_network(use_ema)
         C, H, W = self.data_shape
         levels = levels.clone()
         images = self.levels_to_images(levels)  # (B, C, H, W), the network's input
         # one host sync per call (not per position): which positions need a draw
         needed = (~given).permute(0, 2, 3, 1).flatten(1).any(0).tolist()  # (T,)
-        state = self.start_sampling(len(levels), **options)
+        state = self.start_sampling(network, len(levels), **options)
         for position in range(C * H * W):
             if not needed[position]:
                 continue
             row, column, channel = position // (W * C), (position // C) % W, position % C
-            logits = self.next_logits(images, position, y, state).float()  # (B, K)
+            logits = self.next_logits(network, images, position, y, state).float()  # (B, K)
             # validate_args=False: the argument check would sync with the GPU at every step
             drawn = torch.distributions.Categorical(logits=logits / temperature,
                                                     validate_args=False).sample()  # (B,)
@@ -202,19 +241,21 @@ class AutoregressiveModule(GenerativeModule):
 
     @torch.no_grad()
     def sample(self, num_samples: int, temperature: float = 1.0, y: Tensor | None = None,
-               **options: Any) -> Tensor:
+               use_ema: bool | None = None, **options: Any) -> Tensor:
         """Draw images (num_samples, C, H, W) in [0, 1] (level / (K - 1)), one value at a time.
 
         Args:
             temperature: the logits are divided by it (< 1: sharper, > 1: more diverse).
             y: labels for a conditional model, one int or (num_samples,); None: every class in
                 turn (``GenerativeModule.sampling_labels``).
+            use_ema: draw from the weight average (default: when ema_decay was set) or not.
         """
         self.check_num_samples(num_samples)
         y = self.sampling_labels(y, num_samples)
         levels = torch.zeros(num_samples, *self.data_shape, dtype=torch.long, device=self.device)
         given = torch.zeros_like(levels, dtype=torch.bool)
-        return self.levels_to_images(self.sample_levels(levels, given, y, temperature, **options))
+        return self.levels_to_images(self.sample_levels(levels, given, y, temperature, use_ema,
+                                                        **options))
 
     def given_mask(self, x: Tensor, num_given_rows: int | None, mask: Tensor | None) -> Tensor:
         """The bool mask (B, C, H, W) of given values, from a row count or a mask."""
@@ -239,7 +280,8 @@ class AutoregressiveModule(GenerativeModule):
 
     @torch.no_grad()
     def complete(self, x: Tensor, num_given_rows: int | None = None, mask: Tensor | None = None,
-                 temperature: float = 1.0, y: Tensor | None = None, **options: Any) -> Tensor:
+                 temperature: float = 1.0, y: Tensor | None = None, use_ema: bool | None = None,
+                 **options: Any) -> Tensor:
         """Keep the given values of x and sample the others from p(x_t | x_<t) in raster order.
 
         Args:
@@ -250,6 +292,7 @@ class AutoregressiveModule(GenerativeModule):
                 each completion is a sample of p(missing | given values before it in the order).
             temperature: see ``sample``.
             y: labels for a conditional model (one int or (B,)); None: every class in turn.
+            use_ema: see ``sample``.
         Returns the completed images (B, C, H, W) in [0, 1], given values quantized.
         """
         self.check_data(x)
@@ -257,10 +300,10 @@ class AutoregressiveModule(GenerativeModule):
         y = self.sampling_labels(y, len(x))
         levels = self.quantize(x.to(self.device))
         return self.levels_to_images(self.sample_levels(levels, given.to(self.device), y,
-                                                        temperature, **options))
+                                                        temperature, use_ema, **options))
 
     def predict_options(self) -> dict[str, Any]:
-        return {"temperature": self.predict_temperature}
+        return {"temperature": self.predict_temperature, "use_ema": self.predict_use_ema}
 
     def predict_samples(self, x: Tensor, y: Tensor | None) -> Tensor:
         """``predict_mode="complete"``: keep the top rows of the batch's images, sample the rest."""
@@ -327,23 +370,24 @@ class PixelCNN(AutoregressiveModule):
         dilations = list(dilations)
         if not dilations or not all(isinstance(d, int) and d >= 1 for d in dilations):
             raise ValueError(f"dilations must be a non-empty list of positive ints, got {dilations!r}")
-        self.network = PixelCNNNet(channels, self.num_levels, hidden_channels, num_layers, kernel_size,
-                                   first_kernel_size, head_channels, gated, self.num_classes,
-                                   dilations)
+        self.set_network(PixelCNNNet(channels, self.num_levels, hidden_channels, num_layers,
+                                     kernel_size, first_kernel_size, head_channels, gated,
+                                     self.num_classes, dilations))
 
-    def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
-        return self.network(self.to_model_space(x), y)  # (B, K, C, H, W); the network reads [-1, 1]
+    def logits(self, network: nn.Module, x: Tensor, y: Tensor | None) -> Tensor:
+        return network(self.to_model_space(x), y)  # (B, K, C, H, W); the network reads [-1, 1]
 
-    def start_sampling(self, batch_size: int, use_cache: bool = True) -> Any:
-        return PixelCNNCache(self.network, self.to_model_space) if use_cache else None
+    def start_sampling(self, network: nn.Module, batch_size: int, use_cache: bool = True) -> Any:
+        return PixelCNNCache(network, self.to_model_space) if use_cache else None
 
-    def next_logits(self, images: Tensor, position: int, y: Tensor | None, state: Any) -> Tensor:
+    def next_logits(self, network: nn.Module, images: Tensor, position: int, y: Tensor | None,
+                    state: Any) -> Tensor:
         if state is not None:
             return state.logits(images, position, y)
         C, H, W = self.data_shape
         row, column, channel = position // (W * C), (position // C) % W, position % C
-        top = max(row - self.network.rows_above, 0)
-        logits = self(images[:, :, top: row + 1], y)  # (B, K, C, row + 1 - top, W)
+        top = max(row - network.rows_above, 0)
+        logits = self.logits(network, images[:, :, top: row + 1], y)  # (B, K, C, row + 1 - top, W)
         return logits[:, :, channel, row - top, column]
 
 
@@ -405,25 +449,26 @@ class PixelTransformer(AutoregressiveModule):
                 f"than max_positions={max_positions} (attention cost grows with its square): raise "
                 f"--model.init_args.token_size, use smaller images (--data.init_args.image_size) or "
                 f"raise --model.init_args.max_positions")
-        self.network = PixelTransformerNet(math.prod(self.data_shape), self.num_levels, model_dim,
-                                           num_layers, num_heads, dropout, self.num_classes,
-                                           self.data_shape, local_window, token_size)
+        self.set_network(PixelTransformerNet(math.prod(self.data_shape), self.num_levels, model_dim,
+                                             num_layers, num_heads, dropout, self.num_classes,
+                                             self.data_shape, local_window, token_size))
 
     @staticmethod
     def to_sequence(x: Tensor) -> Tensor:
         """(B, C, H, W) -> (B, H * W * C) in raster order, channels of a pixel adjacent."""
         return x.permute(0, 2, 3, 1).flatten(1)
 
-    def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+    def logits(self, network: nn.Module, x: Tensor, y: Tensor | None) -> Tensor:
         B, C, H, W = x.shape
-        logits = self.network(self.to_sequence(x), y)  # (B, T, K)
+        logits = network(self.to_sequence(x), y)  # (B, T, K)
         return logits.view(B, H, W, C, self.num_levels).permute(0, 4, 3, 1, 2)  # (B, K, C, H, W)
 
-    def start_sampling(self, batch_size: int, use_cache: bool = True) -> Any:
-        return self.network.new_cache() if use_cache else None
+    def start_sampling(self, network: nn.Module, batch_size: int, use_cache: bool = True) -> Any:
+        return network.new_cache() if use_cache else None
 
-    def next_logits(self, images: Tensor, position: int, y: Tensor | None, state: Any) -> Tensor:
+    def next_logits(self, network: nn.Module, images: Tensor, position: int, y: Tensor | None,
+                    state: Any) -> Tensor:
         # With a cache, the positions not yet cached (one, or a given prefix at once) go through
         # the blocks; without, the whole prefix does.
         prefix = self.to_sequence(images)[:, : position + 1]  # (B, position + 1)
-        return self.network(prefix, y, cache=state)[:, -1]  # (B, K)
+        return network(prefix, y, cache=state)[:, -1]  # (B, K)

@@ -1,6 +1,7 @@
 """Exponential moving average of a network's weights (Polyak averaging).
 
-Used by the families that sample from averaged weights (GAN generators, diffusion denoisers).
+Used by the families that sample from averaged weights (GAN generators, diffusion and flow
+matching networks, the autoregressive networks).
 The averaged copy is an ``nn.Module`` attribute of the LightningModule, so it moves with
 ``.to(device)``, is saved in checkpoints and is restored by ``load_from_checkpoint``.
 """
