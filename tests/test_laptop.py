@@ -60,7 +60,7 @@ def test_presets_cover_every_image_family_and_stop_on_time_on_the_cpu():
         trainer = config["trainer"]
         assert trainer["max_time"] == "00:00:10:00" and trainer["max_epochs"] == -1, name
         assert trainer["accelerator"] == "cpu", name
-        # fp32 unless the CPU has AMX units (bf16_on_native_cpu): elsewhere bf16 is slower
+        # fp32 unless the CPU computes in bf16 (bf16_on_native_cpu): elsewhere bf16 is emulated
         assert trainer["precision"] == "32-true", name
         assert config.get("bf16_on_native_cpu", False) in (True, False), name
         # no max_steps: a schedule sized by a step count would be cut at a machine-dependent
@@ -125,7 +125,12 @@ def test_the_confidence_standard_error_is_the_spread_of_the_mean_between_draws(c
 def test_label_agreement_says_whether_conditional_samples_are_the_digits_asked_for(classifier, test_digits):
     images, labels = test_digits
     asked = digit_scores(images, classifier.network, labels=labels)
-    assert asked.label_agreement >= 0.97
+    # the fraction of images the classifier reads as their label: its accuracy on them (about 0.97
+    # after the fixture's 250 steps, which vary with the CPU's arithmetic and thread count)
+    with torch.no_grad():
+        read = classifier.network(images.float() / 255).argmax(1)
+    assert asked.label_agreement == pytest.approx(float((read == labels).float().mean()), abs=1e-6)
+    assert asked.label_agreement > 0.9
     # the same images drawn "for" other digits: the model ignored its labels
     shuffled = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))]
     assert digit_scores(images, classifier.network, labels=shuffled).label_agreement < 0.2
