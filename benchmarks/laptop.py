@@ -55,7 +55,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers
 from arguments import count, feature_network_file  # noqa: E402
 
-from lightning_gen.cli import cpu_has_amx  # noqa: E402
+from lightning_gen.cli import cpu_bf16_units  # noqa: E402
 from lightning_gen.metrics import (  # noqa: E402
     digit_scores, extract_features, fid_kid_from_features, load_feature_network, load_mnist_classifier,
     real_features,
@@ -224,8 +224,8 @@ def table(rows: list[dict], args: argparse.Namespace, feature_network: str) -> l
         f"average before the fit; GFLOP/s = float32 512x512 matrix products on torch's "
         f"{torch.get_num_threads()} threads right before the fit; stolen = the share of the CPU time "
         f"during the fit that the host gave to other virtual machines (/proc/stat; '-' where there "
-        f"is none); precision = the fit's (bf16_on_native_cpu chooses bf16-mixed on CPUs with AMX "
-        f"units; this one has {'them' if cpu_has_amx() else 'none'}); "
+        f"is none); precision = the fit's (bf16_on_native_cpu chooses bf16-mixed on CPUs with bf16 "
+        f"arithmetic, AMX or AVX512-BF16; this one has {', '.join(cpu_bf16_units()) or 'none'}); "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}.",
         "",
         f"    python benchmarks/laptop.py {' '.join(sys.argv[1:])}",

@@ -69,21 +69,25 @@ def cpu_probe(name: str) -> bool | None:
     return None if probe is None else bool(probe())
 
 
+BF16_PROBES = (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported"))
+
+
+def cpu_bf16_units() -> list[str]:
+    """The bf16 arithmetic this CPU's probes report ("AMX", "AVX512-BF16"; empty where neither,
+    or where this torch has no probes). ``bf16_on_native_cpu`` trains in bf16-mixed where it is
+    not empty: the laptop presets' training arithmetic ran 1.27-1.74x faster in bf16 on a Xeon
+    with AMX and 1.28-1.76x on an AMD EPYC with AVX512-BF16 and no AMX (the pixel transformer
+    0.87-0.91x on both; benchmarks/results/laptop.md)."""
+    return [name for name, probe in BF16_PROBES if cpu_probe(probe)]
+
+
 def cpu_has_bf16_arithmetic() -> bool:
     """Whether this CPU computes in bf16 itself (AVX512-BF16 or AMX). Without it, autocast to bf16
     emulates each op: one training step of configs/pixeltransformer_cifar10.yaml took 117 s
     bf16-mixed against 9 s in fp32 on such a CPU (2026-12-02). Unknown (a torch without these
     probes) counts as yes, so that nothing warns by mistake."""
-    known = [found for found in map(cpu_probe, ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-             if found is not None]
+    known = [found for found in (cpu_probe(probe) for _, probe in BF16_PROBES) if found is not None]
     return not known or any(known)
-
-
-def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX tiles, whose bf16 matrix products made the laptop presets' training
-    arithmetic 1.27-1.74x faster under bf16 autocast than in fp32; with AVX512-BF16 alone it was
-    slower than fp32 (benchmarks/results/laptop.md, runs AP-AR)."""
-    return bool(cpu_probe("_is_amx_tile_supported"))
 
 
 def runs_on_cpu(accelerator) -> bool:
@@ -191,9 +195,11 @@ class GenerativeCLI(LightningCLI):
         if not config.get("bf16_on_native_cpu"):
             return
         trainer = config["trainer"]
-        if runs_on_cpu(trainer.get("accelerator")) and cpu_has_amx():
+        units = cpu_bf16_units()
+        if runs_on_cpu(trainer.get("accelerator")) and units:
             trainer["precision"] = "bf16-mixed"
-            rank_zero_info("bf16_on_native_cpu: this CPU has AMX units: trainer.precision bf16-mixed")
+            rank_zero_info(f"bf16_on_native_cpu: this CPU computes in bf16 ({', '.join(units)}): "
+                           "trainer.precision bf16-mixed")
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
@@ -217,9 +223,9 @@ class GenerativeCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
             "--bf16_on_native_cpu", type=bool, default=False,
-            help="On a CPU with AMX units (bf16 matrix arithmetic), run in bf16-mixed instead of "
-                 "trainer.precision (the laptop presets' training arithmetic ran 1.3-1.7x faster). "
-                 "Elsewhere trainer.precision stands: bf16 measured slower than fp32 there.")
+            help="On a CPU with bf16 arithmetic (AMX or AVX512-BF16), run in bf16-mixed instead of "
+                 "trainer.precision (the laptop presets' training arithmetic ran 1.3-1.8x faster). "
+                 "Elsewhere trainer.precision stands: autocast emulates bf16 there, slower than fp32.")
         parser.link_arguments("data.data_shape", "model.init_args.data_shape", apply_on="instantiate")
         parser.add_lightning_class_args(SampleLogger, "sample_logger")
         parser.add_lightning_class_args(PredictionWriter, "prediction_writer")

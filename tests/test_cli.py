@@ -200,13 +200,16 @@ def test_bf16_on_a_cpu_without_bf16_arithmetic_warns_how_to_change_it(precision,
                                "times slower than fp32: pass --trainer.precision 32-true")
 
 
-@pytest.mark.parametrize("option, amx, expected", [
-    ("true", True, "bf16-mixed"), ("true", False, "32-true"), ("false", True, "32-true")])
-def test_bf16_on_native_cpu_chooses_bf16_only_on_a_cpu_with_amx(option, amx, expected, run_dir, monkeypatch):
-    """The laptop presets' option: bf16-mixed where the CPU has AMX units, the config's precision
-    elsewhere; the saved config.yaml names the precision the run used. The probe is replaced to
-    stand for either kind of CPU."""
+@pytest.mark.parametrize("option, amx, avx512_bf16, expected", [
+    ("true", True, True, "bf16-mixed"), ("true", False, True, "bf16-mixed"), ("true", False, False, "32-true"),
+    ("false", True, True, "32-true")])
+def test_bf16_on_native_cpu_chooses_bf16_only_on_a_cpu_with_bf16_arithmetic(option, amx, avx512_bf16, expected,
+                                                                           run_dir, monkeypatch):
+    """The laptop presets' option: bf16-mixed where the CPU computes in bf16 (AMX units, or
+    AVX512-BF16 alone as on AMD's Zen 4), the config's precision elsewhere; the saved config.yaml
+    names the precision the run used. The probes are replaced to stand for each kind of CPU."""
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     cli = run_cli("fit", "--model", "Autoencoder", "--data", "ToyDataModule", "--data.name", "moons",
                   "--model.reconstruction_loss", "mse", *QUICK, "--trainer.precision", "32-true",
                   "--trainer.max_steps", "1", "--trainer.limit_val_batches", "2",

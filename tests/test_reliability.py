@@ -289,18 +289,19 @@ def test_every_config_trains_two_steps_as_written(config, run_dir, mnist_root):
     assert trained and all(torch.isfinite(value) for value in trained.values()), trained
 
 
-BF16_ON_AMX_PRESETS = [config for config in ALL_CONFIGS
+BF16_ON_NATIVE_CPU_PRESETS = [config for config in ALL_CONFIGS
                        if yaml.safe_load((CONFIGS / config).read_text()).get("bf16_on_native_cpu")]
 
 
-@pytest.mark.parametrize("config", BF16_ON_AMX_PRESETS)
-def test_presets_with_bf16_on_native_cpu_train_in_bf16_on_a_cpu_with_amx(config, run_dir, mnist_root,
-                                                                         monkeypatch):
-    """The test above runs these presets in the precision this machine's CPU gets; here the AMX
-    probe stands for a CPU that has the units, so their bf16 path runs as written on any machine:
-    the Trainer is bf16-mixed and the networks really compute in bfloat16."""
-    assert BF16_ON_AMX_PRESETS  # the GAN, diffusion and flow matching presets set it
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+@pytest.mark.parametrize("config", BF16_ON_NATIVE_CPU_PRESETS)
+def test_presets_with_bf16_on_native_cpu_train_in_bf16_on_a_cpu_with_bf16_arithmetic(config, run_dir, mnist_root,
+                                                                                     monkeypatch):
+    """The test above runs these presets in the precision this machine's CPU gets; here the
+    probes stand for a CPU with AVX512-BF16 and no AMX, so their bf16 path runs as written on any
+    machine: the Trainer is bf16-mixed and the networks really compute in bfloat16."""
+    assert BF16_ON_NATIVE_CPU_PRESETS  # the GAN, diffusion and flow matching presets set it
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     dtypes = set()
     cli = run_cli("--config", str(CONFIGS / config), *QUICK, "--trainer.max_steps", "2",
                   "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2",
