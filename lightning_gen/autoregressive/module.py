@@ -33,9 +33,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_gen.autoregressive.nets import PixelCNNCache, PixelCNNNet, PixelTransformerNet, token_count
 from lightning_gen import checks
@@ -47,7 +45,9 @@ PREDICT_MODES = ("sample", "complete")
 
 class AutoregressiveModule(GenerativeModule):
     """What PixelCNN and PixelTransformer share: quantization, the exact log-likelihood, the
-    sampling loop and completion. Subclasses define ``forward`` and ``next_logits``.
+    sampling loop and completion. Subclasses build their network with ``set_network`` (which adds
+    its weight average when ``ema_decay`` is set) and define ``logits`` and ``next_logits``, each
+    through the network they are given (the trained one or the average).
 
     Args:
         data_shape: (C, H, W) of the images (linked from the data module).
