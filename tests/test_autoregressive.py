@@ -8,11 +8,11 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-import lightning as L
 
 from lightning_gen import PixelCNN, PixelTransformer
 from lightning_gen.autoregressive.nets import MaskedConv2d, causal_conv_mask, local_window_sources
 from cli_helpers import fit_and_predict
+from ema_helpers import fit_and_check_the_average
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -466,14 +466,6 @@ def test_loss_falls_when_overfitting_a_batch(name):
     assert losses[-1] < 0.8 * losses[0]
 
 
-class RecordWeights(L.Callback):
-    def __init__(self) -> None:
-        self.weights: list[list[torch.Tensor]] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.weights.append([p.detach().clone() for p in pl_module.network.parameters()])
-
-
 @pytest.mark.parametrize("name", ["pixelcnn_gated", "pixeltransformer_tokens_local"])
 def test_weight_average_follows_each_step_and_samples_scores_and_predicts(name, tmp_path):
     """ema_decay keeps a moving average of the network's weights: replayed by hand after each
@@ -481,22 +473,10 @@ def test_weight_average_follows_each_step_and_samples_scores_and_predicts(name, 
     val/test NLL use by default; use_ema=False (predict_use_ema false) reaches the trained weights."""
     torch.manual_seed(0)
     model = BUILDERS[name]((1, 6, 6), ema_decay=0.5, learning_rate=1e-2)
-    initial = [p.detach().clone() for p in model.network.parameters()]
     images = (torch.rand(32, 1, 6, 6) < 0.3).float()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, torch.zeros(32, dtype=torch.long)),
                                          batch_size=8)
-    recorder = RecordWeights()
-    trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        callbacks=[recorder], default_root_dir=str(tmp_path))
-    trainer.fit(model, train_dataloaders=loader)
-    assert int(model.ema.num_updates) == 4 == len(recorder.weights)
-    expected = initial
-    for n, weights in enumerate(recorder.weights):  # replay the average by hand
-        decay = min(0.5, (1 + n) / (10 + n))
-        expected = [decay * e + (1 - decay) * w for e, w in zip(expected, weights)]
-    for average, hand in zip(model.ema.averaged.parameters(), expected):
-        torch.testing.assert_close(average, hand)
+    trainer = fit_and_check_the_average(model, tmp_path, steps=4, decay=0.5, train_dataloaders=loader)
 
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)

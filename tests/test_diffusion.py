@@ -7,7 +7,6 @@ import math
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from datamodules import ToyDataModule, sample_toy
@@ -18,6 +17,7 @@ from lightning_gen.diffusion.samplers import ddim_step, ddpm_step, sampling_loop
 from lightning_gen.diffusion.schedule import NoiseSchedule
 from lightning_gen.nn import ExponentialMovingAverage
 from cli_helpers import fit_and_predict
+from ema_helpers import fit_and_check_the_average
 
 
 @pytest.fixture(autouse=True)
@@ -297,32 +297,12 @@ def test_ema_update_math():
         torch.testing.assert_close(average, 0.1 * old + 0.9 * current.detach())
 
 
-class RecordWeights(Callback):
-    def __init__(self) -> None:
-        self.weights: list[list[torch.Tensor]] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.weights.append([p.detach().clone() for p in pl_module.network.parameters()])
-
-
 def test_ema_follows_each_optimizer_step_and_is_checkpointed(tmp_path):
     torch.manual_seed(0)
     model = Diffusion((2,), num_timesteps=20, prediction="v", mlp=MLPDenoiserConfig(8, 1),
                       ema_decay=0.5, learning_rate=1e-2)
-    initial = [p.detach().clone() for p in model.network.parameters()]
-    recorder = RecordWeights()
     data = ToyDataModule("moons", num_train=64, num_val=16, num_test=16, batch_size=16)
-    trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        callbacks=[recorder], default_root_dir=str(tmp_path))
-    trainer.fit(model, datamodule=data)
-    assert int(model.ema.num_updates) == 4 == len(recorder.weights)
-    expected = initial
-    for n, weights in enumerate(recorder.weights):  # replay the average by hand
-        decay = min(0.5, (1 + n) / (10 + n))
-        expected = [decay * e + (1 - decay) * w for e, w in zip(expected, weights)]
-    for average, hand in zip(model.ema.averaged.parameters(), expected):
-        torch.testing.assert_close(average, hand)
+    trainer = fit_and_check_the_average(model, tmp_path, steps=4, decay=0.5, datamodule=data)
     # The averaged weights travel in the checkpoint and are what sampling uses by default.
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)
