@@ -43,3 +43,10 @@ def optional_classes(num_classes: int | None, minimum: int = 1) -> int | None:
         raise ValueError(f"num_classes must be an int >= {minimum} (or None for an unconditional "
                          f"model), got {num_classes!r}")
     return num_classes
+
+
+def average_to_predict(predict_use_ema: bool | None, ema_decay: float | None, averaged: str) -> None:
+    """``predict_use_ema=True`` asks for the ``averaged`` network's moving average, which only a
+    model built with ``ema_decay`` keeps."""
+    if predict_use_ema and ema_decay is None:
+        raise ValueError(f"predict_use_ema=True needs a {averaged} average: set ema_decay")

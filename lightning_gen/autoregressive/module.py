@@ -106,8 +106,7 @@ class AutoregressiveModule(GenerativeModule):
             raise ValueError(f"predict_given_rows must be in 0..{height} or None (half), "
                              f"got {predict_given_rows}")
         checks.positive(predict_temperature=predict_temperature)
-        if predict_use_ema and ema_decay is None:
-            raise ValueError("predict_use_ema=True needs a weight average: set ema_decay")
+        checks.average_to_predict(predict_use_ema, ema_decay, "weight")
         self.ema_decay = ema_decay
         self.predict_use_ema = predict_use_ema
         self.num_levels = num_levels

@@ -235,8 +235,7 @@ class GAN(GenerativeModule):
         # checkpoints with the rest of the state dict.
         self.generator_ema = (ExponentialMovingAverage(self.generator, ema_decay)
                               if ema_decay is not None else None)
-        if predict_use_ema and self.generator_ema is None:
-            raise ValueError("predict_use_ema=True needs a generator average: set ema_decay")
+        checks.average_to_predict(predict_use_ema, ema_decay, "generator")
         self.predict_use_ema = predict_use_ema
         check_truncation(predict_truncation, "predict_truncation")
         self.predict_truncation = predict_truncation
