@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
@@ -62,7 +62,8 @@ skip_nvml_probe_without_driver()
 
 LR_SCHEDULES = ("constant", "cosine")
 #: Seconds between two updates of the training values shown in the progress bar (``prog_bar``
-#: metrics, the loss): about what an eye can follow, and what tqdm's own ``mininterval`` is.
+#: metrics, the loss), and between two redraws of the CLI's bar (``TimedProgressBar``): about
+#: what an eye can follow, and what tqdm's own ``mininterval`` is.
 PROGRESS_BAR_INTERVAL_S = 0.1
 #: Training values (metrics, watched losses) kept before they are reduced: bounds the memory of a
 #: long interval between two logging steps.
@@ -95,6 +96,31 @@ def logger_writes_this_step(trainer: L.Trainer | None) -> bool:
     except AttributeError:
         return True
     return bool(writes) or bool(trainer.fast_dev_run)
+
+
+def forget_earlier_step_values(trainer: L.Trainer | None, names: Container[str]) -> None:
+    """Mark this module's training step values (``train/{name}`` for ``name`` in ``names``)
+    logged by earlier batches as not logged in the current one.
+
+    Lightning keeps a logged value in its result collection until the epoch ends and, after every
+    batch, copies each one into its metric dictionaries, converting every ``prog_bar`` value to a
+    Python number (``_ResultCollection.metrics``): on a GPU, a host sync per batch for as long as
+    any batch of the epoch logged the loss for the progress bar. A value was copied when it was
+    logged and stays in ``callback_metrics`` and ``progress_bar_metrics``; the module logs every
+    value again on each step whose values Lightning writes (``log_metric``), so loggers and
+    callbacks see what they saw before. Values logged by others (callbacks, a subclass's own
+    ``self.log``) are left as they are. Where a Lightning version stores results otherwise, this
+    does nothing (the values are then copied, and converted, as before).
+    """
+    results = getattr(trainer, "_results", None) if trainer is not None else None
+    if not results:
+        return
+    for item in results.values():
+        meta = getattr(item, "meta", None)
+        name = getattr(meta, "name", "")
+        if (name.startswith("train/") and name[6:] in names and getattr(meta, "on_step", False)
+                and not getattr(meta, "on_epoch", True) and hasattr(item, "has_reset")):
+            item.has_reset = True
 
 
 class StepLogging:
@@ -463,6 +489,7 @@ class GenerativeModule(L.LightningModule):
         logging.progress_bar = logging.write or now - logging.progress_bar_time >= PROGRESS_BAR_INTERVAL_S
         if logging.progress_bar:
             logging.progress_bar_time = now
+        forget_earlier_step_values(self._trainer, self._training_metrics.latest)
         logging.in_batch = True
         logging.logged_names.clear()
 

@@ -50,7 +50,7 @@ import lightning_gen.metrics  # noqa: F401  (registers MNISTClassifier)
 from lightning_gen.base import CLASS_KEY, GenerativeModule
 from lightning_gen.callbacks import (
     CheckpointOnTerminate, ImageQualityMetrics, LastCheckpointAtFitEnd, PredictionWriter, SampleDistanceMetrics,
-    SampleLogger,
+    SampleLogger, TimedProgressBar,
 )
 
 # Exit status after SIGTERM: 128 + 15, as a shell reports a process the signal ended.
@@ -204,6 +204,19 @@ class GenerativeCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         warn_if_cpu_emulates_bf16(self.trainer)  # once, whichever subcommand runs
+
+    def instantiate_trainer(self, **kwargs: Any):
+        """The Trainer, with ``TimedProgressBar`` for Lightning's default bar (see there) unless
+        the config turns the bar off or names a progress bar of its own."""
+        from lightning.pytorch.callbacks.progress import ProgressBar
+
+        trainer = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        callbacks = trainer.get("callbacks")
+        callbacks = [] if callbacks is None else list(callbacks) if isinstance(callbacks, list) else [callbacks]
+        if trainer.get("enable_progress_bar") is not False and not any(
+                isinstance(callback, ProgressBar) for callback in callbacks):
+            kwargs["callbacks"] = [*callbacks, TimedProgressBar()]
+        return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
         """A checkpoint folder that cannot be written would fail only after the first epoch, which

@@ -201,6 +201,23 @@ class RecordCallbackMetrics(Callback):
         self.values.append(float(trainer.callback_metrics["train/loss"]))
 
 
+class LogAtFirstBatch(Callback):
+    """A value logged by someone else than the module, once, as a step value."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            pl_module.log("train/first_batch", 7.0, on_step=True, on_epoch=False)
+
+
+def test_values_logged_by_others_still_reach_every_logging_step(tmp_path):
+    """The module forgets only its own earlier step values between batches (it logs them again
+    when they are written): a callback's value stays in Lightning's results, as before."""
+    fit("vae", tmp_path, 3, callbacks=[LogAtFirstBatch()])
+    steps = step_rows(csv_rows(tmp_path))
+    assert sorted(steps) == [2, 5]
+    assert all(row["train/first_batch"] == 7.0 for row in steps.values())
+
+
 def test_a_callback_monitoring_a_training_step_value_reads_it_every_step(tmp_path):
     fit("vae", tmp_path / "every", 1)
     losses = [row["train/loss"] for _, row in sorted(step_rows(csv_rows(tmp_path / "every")).items())]

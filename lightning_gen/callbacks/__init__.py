@@ -3,6 +3,7 @@
 from lightning_gen.callbacks.latent import LatentInterpolation, interpolate
 from lightning_gen.callbacks.media import image_grid, log_image, samples_image, scatter_image
 from lightning_gen.callbacks.prediction import PredictionWriter, write_samples
+from lightning_gen.callbacks.progress import TimedProgressBar
 from lightning_gen.callbacks.quality import ImageQualityMetrics, SampleDistanceMetrics
 from lightning_gen.callbacks.samples import SampleLogger
 from lightning_gen.callbacks.speed import SpeedOptions
@@ -10,6 +11,6 @@ from lightning_gen.callbacks.termination import CheckpointOnTerminate, LastCheck
 
 __all__ = [
     "CheckpointOnTerminate", "ImageQualityMetrics", "LastCheckpointAtFitEnd", "LatentInterpolation",
-    "PredictionWriter", "SampleDistanceMetrics", "SampleLogger", "SpeedOptions", "image_grid", "interpolate",
+    "PredictionWriter", "SampleDistanceMetrics", "SampleLogger", "SpeedOptions", "TimedProgressBar", "image_grid", "interpolate",
     "log_image", "samples_image", "scatter_image", "write_samples",
 ]
