@@ -28,6 +28,11 @@ without the CLI's callbacks), so that ``Trainer - Lightning alone`` is what the 
 per-step work costs this network. ``--count-calls`` counts Python calls per step (cProfile)
 instead of timing: the same comparison, unchanged by the load of a shared machine.
 
+``--paired`` runs the plain loop inside the Trainer's fit, one plain step after
+each Trainer step (``PairedPlainSteps``), and compares their total times: on a shared machine,
+whose load changes over seconds, the two sides then see the same load, where alternating whole
+runs gave ratios that moved by 10-25% between runs of the same command.
+
 ``--size tiny`` shrinks ``throughput.py``'s small networks further (``TINY`` below); ``small`` and
 ``config`` are throughput.py's sizes. ``--json`` writes the rows for a program to read.
 """
@@ -58,7 +63,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from arguments import apply_threads, count, count_or_zero
-from throughput import FAMILIES, StepTimer, build, device_batches, plain_throughput
+from throughput import FAMILIES, StepTimer, build, device_batches, plain_step, plain_throughput
 
 from datamodules import MNISTDataModule
 from lightning_gen.base import adamw
@@ -203,6 +208,96 @@ def plain_step_seconds(model, images, labels, args, device) -> float:
     return args.batch_size / plain_throughput(model, images, labels, options, device)
 
 
+class PairedPlainSteps(L.Callback):
+    """Interleaves the plain loop with the Trainer, step by step: after each Trainer batch, one
+    plain step of a twin network on its own batch. Each Trainer step is timed from the end of the
+    plain step before it to this callback's ``on_train_batch_end`` (first in the Trainer's list,
+    so the rest of the Trainer's work on a batch, the other callbacks' hooks and the logging after
+    it, falls into the next interval: every moment of the fit is in one of the two clocks). Load
+    from other jobs then falls on the two sides alike, within a few hundred milliseconds, where
+    alternating whole runs spread it over minutes."""
+
+    def __init__(self, step, batches, warmup_batches: int) -> None:
+        self.step, self.batches, self.warmup_batches = step, batches, warmup_batches
+        self.trainer_times: list[float] = []
+        self.plain_times: list[float] = []
+        self.mark: float | None = None
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        timed = batch_idx >= self.warmup_batches and self.mark is not None
+        if timed:
+            self.trainer_times.append(now - self.mark)
+        with torch.enable_grad():
+            self.step(next(self.batches))
+        self.mark = time.perf_counter()
+        if timed:
+            self.plain_times.append(self.mark - now)
+
+
+def paired_step_seconds(model, twin, images, labels, args, device,
+                        make_trainer=cli_trainer) -> tuple[list[float], list[float]]:
+    """Per-step seconds of ``model`` under ``make_trainer``'s Trainer and of ``twin`` in the
+    plain loop, interleaved in one fit (``PairedPlainSteps``), over ``args.steps`` steps after
+    ``args.warmup_steps``."""
+    options = SimpleNamespace(compile=False, compile_backend="inductor", channels_last=False,
+                              precision="32-true")
+    batches = iter(device_batches(images, labels, args.batch_size, device))
+    pairing = PairedPlainSteps(plain_step(twin, options, device), batches, args.warmup_steps)
+    with tempfile.TemporaryDirectory() as root, open(os.devnull, "w") as null, \
+            contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+        trainer = make_trainer(Path(root), args.warmup_steps + args.steps, args.log_every_n_steps)
+        trainer.callbacks.insert(0, pairing)
+        trainer.fit(model, train_dataloaders=device_batches(images, labels, args.batch_size, device))
+    return pairing.trainer_times, pairing.plain_times
+
+
+def paired_summary(trainer_times: list[float], plain_times: list[float]) -> dict:
+    """Means (µs per step: what a run's length sees), the median of the step-by-step differences
+    (a typical step, unmoved by a rare slow one) and the speed ratio overall and in each third."""
+    thirds = [slice(i * len(plain_times) // 3, (i + 1) * len(plain_times) // 3) for i in range(3)]
+    plain_us, trainer_us = 1e6 * statistics.fmean(plain_times), 1e6 * statistics.fmean(trainer_times)
+    return dict(plain_us=plain_us, trainer_us=trainer_us, overhead_us=trainer_us - plain_us,
+                median_difference_us=1e6 * statistics.median(t - p for t, p in zip(trainer_times, plain_times)),
+                ratio=sum(plain_times) / sum(trainer_times),
+                third_ratios=[sum(plain_times[part]) / sum(trainer_times[part]) for part in thirds
+                              if plain_times[part]])
+
+
+def measure_paired(name: str, images, labels, args, device) -> dict:
+    """``measure`` with the plain loop interleaved into each fit (``--paired``): the Trainer's
+    overhead is then read within one fit; ``--repeats`` fits, their overheads' median kept."""
+    L.seed_everything(0, verbose=False)
+    model = build_model(name, args.size)
+    twin = copy.deepcopy(model)
+    stripped = copy.deepcopy(model) if args.attribution and name not in BARE else None
+    make_trainer = lightning_trainer if name in BARE and name != "bare+callbacks" else cli_trainer
+    fits, alone = [], []
+    for _ in range(args.repeats):
+        fits.append(paired_summary(*paired_step_seconds(model, twin, images, labels, args, device, make_trainer)))
+        if stripped is not None:
+            with without_project_steps():
+                alone.append(paired_summary(*paired_step_seconds(stripped, twin, images, labels, args, device,
+                                                                 lightning_trainer)))
+    chosen = sorted(fits, key=lambda fit: fit["overhead_us"])[len(fits) // 2]
+    row = dict(family=name, parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
+               **chosen, overhead_runs_us=[fit["overhead_us"] for fit in fits])
+    if alone:
+        row["alone_overhead_us"] = statistics.median(fit["overhead_us"] for fit in alone)
+        row["alone_overhead_runs_us"] = [fit["overhead_us"] for fit in alone]
+    return row
+
+
+def paired_table(rows: list[dict]) -> str:
+    lines = ["| family | parameters | plain ms/step | Trainer ms/step | Lightning / plain speed | "
+             "same, in each third of the steps |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        thirds = ", ".join(f"{ratio:.3f}" for ratio in row["third_ratios"])
+        lines.append(f"| {row['family']} | {row['parameters'] / 1e6:.3f} M | {row['plain_us'] / 1e3:.1f} "
+                     f"| {row['trainer_us'] / 1e3:.1f} | {row['ratio']:.3f} | {thirds} |")
+    return "\n".join(lines) + "\n"
+
+
 # GenerativeModule's per-step work: logging, the divergence watch, the weight average (where a
 # name is missing, as in older versions of the class, it is left out).
 PROJECT_STEP_METHODS = ("on_train_batch_start", "on_train_batch_end", "watch_loss", "log_step_metrics",
@@ -250,7 +345,8 @@ def measure(name: str, images, labels, args, device) -> dict:
                trainer_runs_us=[t * 1e6 for t in trainer_times], plain_runs_us=[t * 1e6 for t in plain_times])
     if stripped_times:
         stripped_us = statistics.median(stripped_times) * 1e6
-        row.update(stripped_us=stripped_us, stripped_runs_us=[t * 1e6 for t in stripped_times])
+        row.update(stripped_us=stripped_us, stripped_runs_us=[t * 1e6 for t in stripped_times],
+                   alone_overhead_us=stripped_us - plain_us)
     return row
 
 
@@ -327,7 +423,7 @@ def table(rows: list[dict], bare: dict | None) -> str:
     """The markdown table; with ``--attribution`` two more columns: the family's network under
     Lightning alone (``without_project_steps``) minus the plain loop, and the full Trainer minus
     that (what the project's per-step work costs this network, measured directly)."""
-    attribution = any("stripped_us" in row for row in rows)
+    attribution = any("alone_overhead_us" in row for row in rows)
     header = ("| family | parameters | plain µs/step | Trainer µs/step | overhead µs | bare Lightning "
               "overhead µs | project additions µs | additions / bare | Lightning / plain speed |")
     if attribution:
@@ -342,8 +438,8 @@ def table(rows: list[dict], bare: dict | None) -> str:
         line = (f"| {row['family']} | {row['parameters'] / 1e6:.3f} M | {row['plain_us']:.0f} "
                 f"| {row['trainer_us']:.0f} | {row['overhead_us']:.0f} | {extra} | {row['ratio']:.3f} |")
         if attribution:
-            line += (f" {row['stripped_us'] - row['plain_us']:.0f} | {row['trainer_us'] - row['stripped_us']:.0f} |"
-                     if "stripped_us" in row else " - | - |")
+            line += (f" {row['alone_overhead_us']:.0f} | {row['overhead_us'] - row['alone_overhead_us']:.0f} |"
+                     if "alone_overhead_us" in row else " - | - |")
         lines.append(line)
     return "\n".join(lines) + "\n"
 
@@ -361,6 +457,9 @@ def main() -> None:
     parser.add_argument("--no-bare", action="store_true", help="skip the bare LightningModule rows")
     parser.add_argument("--count-calls", action="store_true",
                         help="count Python calls per step (cProfile) instead of timing: load-independent")
+    parser.add_argument("--paired", action="store_true",
+                        help="interleave the plain loop with the Trainer step by step in each fit "
+                             "(PairedPlainSteps) instead of alternating whole runs")
     parser.add_argument("--attribution", action="store_true",
                         help="also time each family under Lightning alone (without_project_steps)")
     parser.add_argument("--threads", type=count_or_zero, default=0, help="CPU threads (0: torch's default)")
@@ -397,23 +496,32 @@ def main() -> None:
     rows, bare = [], None
     started = time.time()
     for name in names:
-        row = measure(name, images, labels, args, device)
+        row = (measure_paired if args.paired else measure)(name, images, labels, args, device)
         if name == "bare":
             bare = row
         rows.append(row)
-        print(f"{name}: plain {row['plain_us']:.0f} µs, Trainer {row['trainer_us']:.0f} µs, overhead "
-              f"{row['overhead_us']:.0f} µs (runs: Trainer {[round(t) for t in row['trainer_runs_us']]}, "
-              f"plain {[round(t) for t in row['plain_runs_us']]}"
-              + (f", Lightning alone {[round(t) for t in row['stripped_runs_us']]}" if "stripped_us" in row else "")
-              + ")", flush=True)
+        if args.paired:
+            print(f"{name}: plain {row['plain_us']:.0f} µs, Trainer {row['trainer_us']:.0f} µs, overhead "
+                  f"{row['overhead_us']:.0f} µs (fits: {[round(t) for t in row['overhead_runs_us']]}"
+                  + (f", Lightning alone {[round(t) for t in row['alone_overhead_runs_us']]}"
+                     if "alone_overhead_us" in row else "")
+                  + f"), ratio {row['ratio']:.3f} (thirds {[round(r, 3) for r in row['third_ratios']]})", flush=True)
+        else:
+            print(f"{name}: plain {row['plain_us']:.0f} µs, Trainer {row['trainer_us']:.0f} µs, overhead "
+                  f"{row['overhead_us']:.0f} µs (runs: Trainer {[round(t) for t in row['trainer_runs_us']]}, "
+                  f"plain {[round(t) for t in row['plain_runs_us']]}"
+                  + (f", Lightning alone {[round(t) for t in row['stripped_runs_us']]}" if "stripped_us" in row else "")
+                  + ")", flush=True)
     load = os.getloadavg()
+    design = (f"Trainer and plain loop interleaved step by step in each fit, median overhead of {args.repeats} fits"
+              if args.paired else f"median of {args.repeats} alternating Trainer/plain runs")
     header = (f"\n{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.machine()} CPU, "
               f"{torch.get_num_threads()} thread(s), size {args.size}, batch {args.batch_size}, "
-              f"{args.steps} timed steps after {args.warmup_steps} warm-up, median of {args.repeats} "
-              f"alternating Trainer/plain runs, log_every_n_steps {args.log_every_n_steps}, "
+              f"{args.steps} timed steps after {args.warmup_steps} warm-up, {design}, "
+              f"log_every_n_steps {args.log_every_n_steps}, "
               f"{time.time() - started:.0f} s, load average at the end "
               f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1 / 5 / 15 min)\n\n")
-    text = header + table(rows, bare)
+    text = header + table(rows, bare) + ("\n" + paired_table(rows) if args.paired else "")
     print(text)
     if args.output is not None:
         with open(args.output, "a") as stream:

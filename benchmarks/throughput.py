@@ -135,10 +135,12 @@ def speed_options(args) -> SpeedOptions:
                         compile_backend=args.compile_backend)
 
 
-def plain_throughput(model, images, labels, args, device) -> float:
+def plain_step(model, args, device):
+    """One training step of the plain PyTorch loop, as a function of the batch: ``model`` moved
+    to ``device`` in training mode, the optimizer(s) its ``configure_optimizers`` returns, the
+    loss its training step computes; for the GAN a discriminator step, then a generator step."""
     model = model.to(device).train()
     speed_options(args).setup(None, model, "fit")
-    loader = iter(device_batches(images, labels, args.batch_size, device))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16,
                               enabled=args.precision == "bf16-mixed")
     if hasattr(model, "discriminator_step_loss"):  # the GAN: a D step, then a G step
@@ -166,7 +168,12 @@ def plain_throughput(model, images, labels, args, device) -> float:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+    return step
 
+
+def plain_throughput(model, images, labels, args, device) -> float:
+    step = plain_step(model, args, device)
+    loader = iter(device_batches(images, labels, args.batch_size, device))
     for _ in range(args.warmup_steps):
         step(next(loader))
     synchronize(device)

@@ -104,6 +104,54 @@ def test_step_overhead_script_measures_every_family(tmp_path, mnist_root):
     assert "project additions µs" in table
 
 
+def test_paired_mode_reads_the_overhead_within_each_fit(tmp_path, mnist_root):
+    """--paired --attribution: every row, the Lightning-alone column for the families, the second
+    table with a speed ratio per third of the steps."""
+    output = tmp_path / "rows.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "step_overhead.py"), "--paired", "--attribution", "--size", "tiny",
+         "--batch-size", "2", "--steps", "6", "--warmup-steps", "2", "--repeats", "1", "--threads", "1",
+         "--families", "autoencoder", "gan", "--json", str(output)],
+        capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(output.read_text())["rows"]
+    assert [row["family"] for row in rows] == ["bare", "bare+log", "bare+callbacks", "bare+manual", "autoencoder",
+                                               "gan"]
+    for row in rows:
+        assert row["plain_us"] > 0 and row["trainer_us"] > 0, row
+        assert row["overhead_us"] == pytest.approx(row["trainer_us"] - row["plain_us"])
+        assert len(row["third_ratios"]) == 3 and all(ratio > 0 for ratio in row["third_ratios"])
+        assert ("alone_overhead_us" in row) == (row["family"] in ("autoencoder", "gan"))
+    assert "Lightning alone, this network" in result.stdout and "in each third of the steps" in result.stdout
+
+
+def test_paired_steps_time_the_plain_step_and_the_trainer_between_them():
+    """PairedPlainSteps: one plain step after each Trainer batch, timed apart from the Trainer's
+    work; the two clocks together cover the timed part of the fit and nothing twice."""
+    import time
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import step_overhead
+
+    sleep_s, steps, warmup = 0.05, 6, 2
+    done = []
+    pairing = step_overhead.PairedPlainSteps(lambda batch: done.append(batch) or time.sleep(sleep_s),
+                                             iter(range(100)), warmup)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=warmup + steps,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[pairing])
+    started = time.perf_counter()
+    trainer.fit(step_overhead.BareModule(), DataLoader(TensorDataset(torch.randn(40, 1, 28, 28),
+                                                                     torch.zeros(40, dtype=torch.long)),
+                                                       batch_size=4))
+    elapsed = time.perf_counter() - started
+    assert done == list(range(warmup + steps))  # one plain step per batch, on its own batches
+    assert len(pairing.plain_times) == len(pairing.trainer_times) == steps
+    assert all(t >= sleep_s for t in pairing.plain_times)
+    assert all(0 < t < sleep_s for t in pairing.trainer_times)  # a bare step; the plain sleep not in it
+    assert sum(pairing.plain_times) + sum(pairing.trainer_times) < elapsed
+
+
 # -------------------------------------------------------------------------------------- logging
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_logger_rows_at_an_interval_are_those_of_logging_every_step(name, tmp_path):
