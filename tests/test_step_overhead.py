@@ -125,6 +125,31 @@ def test_paired_mode_reads_the_overhead_within_each_fit(tmp_path, mnist_root):
     assert "Lightning alone, this network" in result.stdout and "in each third of the steps" in result.stdout
 
 
+def test_count_calls_mode_counts_each_row_with_the_progress_bar_clocks_stopped(tmp_path, mnist_root):
+    output = tmp_path / "calls.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "step_overhead.py"), "--count-calls", "--size", "tiny",
+         "--batch-size", "2", "--steps", "4", "--warmup-steps", "2", "--threads", "1", "--families", "vae",
+         "--json", str(output)],
+        capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {row["family"]: row for row in json.loads(output.read_text())["rows"]}
+    assert sorted(rows) == ["bare", "bare+callbacks", "bare+log", "bare+manual", "vae"]
+    assert all(row["trainer_calls"] > row["plain_calls"] > 0 for row in rows.values())
+    assert "stripped_calls" in rows["vae"]
+    assert "clocks stopped" in result.stdout
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import step_overhead
+
+    import lightning_gen.callbacks.progress as progress
+
+    clocks = (base.time, progress.time)
+    with step_overhead.frozen_project_clocks():
+        assert base.time.monotonic() == base.time.monotonic() == progress.time.monotonic()
+    assert (base.time, progress.time) == clocks
+
+
 def test_paired_steps_time_the_plain_step_and_the_trainer_between_them():
     """PairedPlainSteps: one plain step after each Trainer batch, timed apart from the Trainer's
     work; the two clocks together cover the timed part of the fit and nothing twice."""
