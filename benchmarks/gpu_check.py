@@ -4,8 +4,9 @@ On one H100/H200-class GPU it is meant to finish in under 10 minutes and writes
 ``benchmarks/results/gpu_check.json`` and ``gpu_check.md``:
 
 1. training images/s of every family (the networks of configs/*_mnist.yaml) at --batch-size
-   (512), under the Lightning Trainer and in a plain PyTorch loop (``throughput.py``'s two
-   sides), in 32-true and bf16-mixed;
+   (512), under a bare Lightning Trainer and in a plain PyTorch loop (``throughput.py``'s two
+   sides), and under the Trainer ``cli.py fit`` builds (its callbacks and progress bar, a CSV
+   logger: ``step_overhead.cli_trainer``), in 32-true and bf16-mixed;
 2. the diffusion U-Net's training images/s with ``torch.compile`` off and on (--compile-backend,
    inductor; the test uses aot_eager, which traces the same graph without generating kernels);
 3. Diffusion against diffusers' ``UNet2DModel`` of the same size (training at batch 128 and 512,
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import functools
 import json
 import os
 import platform
@@ -44,6 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+import step_overhead  # noqa: E402
 import throughput  # noqa: E402
 from arguments import count  # noqa: E402
 from datamodules import MNISTDataModule  # noqa: E402
@@ -65,16 +68,24 @@ def throughput_args(args, precision: str, batch_size: int, compile_: bool = Fals
 
 def training_throughput(args, device, images, labels) -> list[dict]:
     rows = []
+    accelerator = device.type if device.type != "cuda" else "gpu"
     for family in throughput.FAMILIES:
         for precision in ("32-true", "bf16-mixed"):
             L.seed_everything(0, verbose=False)
             model = throughput.build(family, "small" if args.tiny else "config")
-            twin = copy.deepcopy(model)
+            twin, cli_model = copy.deepcopy(model), copy.deepcopy(model)
             options = throughput_args(args, precision, args.batch_size)
             lightning = throughput.lightning_throughput(model, images, labels, options, device)
             plain = throughput.plain_throughput(twin, images, labels, options, device)
+            cli_options = argparse.Namespace(batch_size=args.batch_size, steps=args.steps,
+                                             warmup_steps=args.warmup_steps, log_every_n_steps=50)
+            cli_seconds = step_overhead.trainer_step_seconds(
+                cli_model, images, labels, cli_options, device,
+                functools.partial(step_overhead.cli_trainer, accelerator=accelerator, precision=precision))
             rows.append({"family": family, "precision": precision, "lightning_images_per_s": lightning,
-                         "plain_images_per_s": plain, "ratio": lightning / plain})
+                         "plain_images_per_s": plain, "ratio": lightning / plain,
+                         "cli_trainer_images_per_s": args.batch_size / cli_seconds,
+                         "cli_ratio": args.batch_size / cli_seconds / plain})
             print(rows[-1], flush=True)
     return rows
 
@@ -180,9 +191,11 @@ def markdown(results: dict) -> str:
     if results.get("error"):
         lines += ["**Failed:** " + results["error"].splitlines()[-1], ""]
     if results.get("throughput"):
-        lines += ["| family | precision | Lightning img/s | plain img/s | ratio |", "|---|---|---:|---:|---:|"]
+        lines += ["| family | precision | Lightning img/s | plain img/s | ratio | cli.py's Trainer img/s | ratio |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
         lines += [f"| {r['family']} | {r['precision']} | {r['lightning_images_per_s']:.1f} | "
-                  f"{r['plain_images_per_s']:.1f} | {r['ratio']:.3f} |" for r in results["throughput"]]
+                  f"{r['plain_images_per_s']:.1f} | {r['ratio']:.3f} | {r['cli_trainer_images_per_s']:.1f} | "
+                  f"{r['cli_ratio']:.3f} |" for r in results["throughput"]]
         lines.append("")
     if results.get("compile"):
         lines += ["| diffusion U-Net | backend | precision | Lightning img/s |", "|---|---|---|---:|"]

@@ -163,14 +163,15 @@ def build_model(name: str, size: str) -> L.LightningModule:
     return build(name, size)
 
 
-def cli_trainer(root: Path, batches: int, log_every_n_steps: int) -> L.Trainer:
+def cli_trainer(root: Path, batches: int, log_every_n_steps: int, accelerator: str = "cpu",
+                precision: str = "32-true") -> L.Trainer:
     """The Trainer ``cli.py fit`` would build (its callbacks, the Trainer's defaults), with a
     CSVLogger under ``root``, one epoch of ``batches`` batches and no validation."""
     from lightning_gen.cli import main
 
     args = ["--model", "Autoencoder", "--model.init_args.reconstruction_loss", "mse",
             "--data", "ToyDataModule", "--seed_everything", "0",
-            "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+            "--trainer.accelerator", accelerator, "--trainer.devices", "1", "--trainer.precision", precision,
             "--trainer.max_epochs", "1", "--trainer.limit_train_batches", str(batches),
             "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
             "--trainer.log_every_n_steps", str(log_every_n_steps),

@@ -101,12 +101,14 @@ def test_gpu_check_runs_every_part_at_a_tiny_size(tmp_path, mnist_root):
     assert measured == {(family, precision) for family in
                         ("autoencoder", "vae", "gan", "pixelcnn", "pixeltransformer", "realnvp", "diffusion",
                          "flow_matching") for precision in ("32-true", "bf16-mixed")}
-    assert all(row["lightning_images_per_s"] > 0 and row["plain_images_per_s"] > 0 for row in results["throughput"])
+    assert all(row["lightning_images_per_s"] > 0 and row["plain_images_per_s"] > 0
+               and row["cli_trainer_images_per_s"] > 0 for row in results["throughput"])
     assert [(row["compile"], row["backend"]) for row in results["compile"]] == [(False, "-"), (True, "aot_eager")]
     assert [row["family"] for row in results["fits"]] == ["vae", "gan", "diffusion"]
     assert all(row["steps"] > 0 and math.isfinite(row["fid"]) for row in results["fits"])
     assert all(math.isfinite(row["test_nll_nats"]) for row in results["fits"] if row["family"] != "gan")
-    assert "| flow_matching | bf16-mixed |" in (tmp_path / "gpu_check.md").read_text()
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert "| flow_matching | bf16-mixed |" in table and "cli.py's Trainer img/s" in table
 
 
 def test_rgb_fits_script_fits_and_predicts_through_the_command_line(tmp_path):
