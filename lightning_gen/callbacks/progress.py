@@ -58,6 +58,12 @@ class TimedProgressBar(TQDMProgressBar):
             return True
         return False
 
+    def _advance(self, bar_name: str, bar, done: int) -> None:
+        """An evaluation bar after a batch: redraw it at ``done`` batches when due."""
+        if bar is not None and self._due(bar_name, done, bar.total) and not bar.disable:
+            bar.n = done
+            bar.refresh()
+
     def _catch_up(self, bar_name: str, bar, redraw: bool = True) -> None:
         """Bring ``bar`` to the batches done, where a skipped redraw left it behind."""
         done = self._batches_done.pop(bar_name, None)
@@ -90,10 +96,7 @@ class TimedProgressBar(TQDMProgressBar):
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int,
                                 dataloader_idx: int = 0) -> None:
-        bar = self.val_progress_bar
-        if bar is not None and self._due("val", batch_idx + 1, bar.total) and not bar.disable:
-            bar.n = batch_idx + 1
-            bar.refresh()
+        self._advance("val", self.val_progress_bar, batch_idx + 1)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         self._catch_up("val", self.val_progress_bar)
@@ -105,10 +108,7 @@ class TimedProgressBar(TQDMProgressBar):
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int,
                           dataloader_idx: int = 0) -> None:
-        bar = self.test_progress_bar
-        if bar is not None and self._due("test", batch_idx + 1, bar.total) and not bar.disable:
-            bar.n = batch_idx + 1
-            bar.refresh()
+        self._advance("test", self.test_progress_bar, batch_idx + 1)
 
     def on_test_end(self, trainer, pl_module) -> None:
         self._catch_up("test", self.test_progress_bar)
@@ -116,10 +116,7 @@ class TimedProgressBar(TQDMProgressBar):
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int,
                              dataloader_idx: int = 0) -> None:
-        bar = self.predict_progress_bar
-        if bar is not None and self._due("predict", batch_idx + 1, bar.total) and not bar.disable:
-            bar.n = batch_idx + 1
-            bar.refresh()
+        self._advance("predict", self.predict_progress_bar, batch_idx + 1)
 
     def on_predict_end(self, trainer, pl_module) -> None:
         self._catch_up("predict", self.predict_progress_bar)
