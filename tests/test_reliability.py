@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gen import GAN, VAE, Autoencoder, Diffusion, FlowMatching, RealNVP
 from lightning_gen.base import DivergenceError
+from lightning_gen.callbacks import TimedProgressBar
 from lightning_gen.diffusion import MLPDenoiserConfig
 
 # every config, the laptop presets in configs/cpu/ included
@@ -277,12 +278,17 @@ def test_every_config_trains_two_steps_as_written(config, run_dir, mnist_root):
     # train on one image a step (the batch norm of other families needs two)
     batch_size = "1" if yaml.safe_load((CONFIGS / config).read_text())["trainer"].get("precision") == "bf16-mixed" else "2"
     # (no sanity check: the validation after the two steps runs the same validation_step)
-    fitted = run_cli(*command, "--config", str(CONFIGS / config), *QUICK, "--trainer.max_steps", "2",
+    # the progress bar a user gets stays on (no config names one: the CLI's TimedProgressBar)
+    at = QUICK.index("--trainer.enable_progress_bar")
+    with_bar = QUICK[:at] + QUICK[at + 2:]
+    fitted = run_cli(*command, "--config", str(CONFIGS / config), *with_bar, "--trainer.max_steps", "2",
                      "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2",
                      "--trainer.num_sanity_val_steps", "0",
                      "--data.init_args.batch_size", batch_size, *data,
                      *([] if features else ["--sample_logger.num_samples", "4"]))
     assert fitted.trainer.global_step >= 2
+    if not features:
+        assert type(fitted.trainer.progress_bar_callback) is TimedProgressBar
     # (a WGAN with five critic steps per generator step logs train/d_loss only, in two batches)
     trained = {key: value for key, value in fitted.trainer.callback_metrics.items()
                if key in ("train/loss", "train/d_loss", "train/loss_step")}
