@@ -69,6 +69,8 @@ def throughput_args(args, precision: str, batch_size: int, compile_: bool = Fals
 def training_throughput(args, device, images, labels) -> list[dict]:
     rows = []
     accelerator = device.type if device.type != "cuda" else "gpu"
+    cli_options = argparse.Namespace(batch_size=args.batch_size, steps=args.steps, warmup_steps=args.warmup_steps,
+                                     log_every_n_steps=50)
     for family in throughput.FAMILIES:
         for precision in ("32-true", "bf16-mixed"):
             L.seed_everything(0, verbose=False)
@@ -77,8 +79,6 @@ def training_throughput(args, device, images, labels) -> list[dict]:
             options = throughput_args(args, precision, args.batch_size)
             lightning = throughput.lightning_throughput(model, images, labels, options, device)
             plain = throughput.plain_throughput(twin, images, labels, options, device)
-            cli_options = argparse.Namespace(batch_size=args.batch_size, steps=args.steps,
-                                             warmup_steps=args.warmup_steps, log_every_n_steps=50)
             cli_seconds = step_overhead.trainer_step_seconds(
                 cli_model, images, labels, cli_options, device,
                 functools.partial(step_overhead.cli_trainer, accelerator=accelerator, precision=precision))

@@ -191,6 +191,12 @@ def lightning_trainer(root: Path, batches: int, log_every_n_steps: int) -> L.Tra
                      default_root_dir=str(root), logger=CSVLogger(str(root)))
 
 
+def trainer_maker(name: str):
+    """The Trainer a row runs under: Lightning's own flags for the bare rows (but
+    ``bare+callbacks``), the CLI's for the families."""
+    return lightning_trainer if name in BARE and name != "bare+callbacks" else cli_trainer
+
+
 def trainer_step_seconds(model, images, labels, args, device, make_trainer=cli_trainer) -> float:
     """Seconds per step of ``model`` under ``make_trainer``'s Trainer (default the CLI's), over
     ``args.steps`` steps after ``args.warmup_steps``."""
@@ -273,7 +279,7 @@ def measure_paired(name: str, images, labels, args, device) -> dict:
     model = build_model(name, args.size)
     twin = copy.deepcopy(model)
     stripped = copy.deepcopy(model) if args.attribution and name not in BARE else None
-    make_trainer = lightning_trainer if name in BARE and name != "bare+callbacks" else cli_trainer
+    make_trainer = trainer_maker(name)
     fits, alone = [], []
     for _ in range(args.repeats):
         fits.append(paired_summary(*paired_step_seconds(model, twin, images, labels, args, device, make_trainer)))
@@ -331,7 +337,7 @@ def measure(name: str, images, labels, args, device) -> dict:
     model = build_model(name, args.size)
     twin = copy.deepcopy(model)
     stripped = copy.deepcopy(model) if args.attribution and name not in BARE else None
-    make_trainer = lightning_trainer if name in BARE and name != "bare+callbacks" else cli_trainer
+    make_trainer = trainer_maker(name)
     trainer_times, plain_times, stripped_times = [], [], []
     for _ in range(args.repeats):  # alternating, medians kept (see throughput.py)
         trainer_times.append(trainer_step_seconds(model, images, labels, args, device, make_trainer))
@@ -425,7 +431,7 @@ def _count_calls(name: str, images, labels, args, device) -> dict:
     L.seed_everything(0, verbose=False)
     model = build_model(name, args.size)
     plain, stripped = copy.deepcopy(model), copy.deepcopy(model)
-    make_trainer = lightning_trainer if name in BARE and name != "bare+callbacks" else cli_trainer
+    make_trainer = trainer_maker(name)
     row = dict(family=name, trainer_calls=trainer_calls(model, images, labels, args, device, make_trainer),
                plain_calls=plain_calls(plain, images, labels, args, device))
     if name not in BARE:
