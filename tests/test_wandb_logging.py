@@ -50,7 +50,8 @@ def offline_run_dir(save_dir: Path) -> Path:
 def read_wandb_records(path: Path) -> list[bytes]:
     """The records of a ``.wandb`` file: a 7-byte header (":W&B", magic 0xBEE1, version), then a
     LevelDB-style log of 32 KiB blocks whose records have a 7-byte header (CRC-32, length, kind:
-    1 full, 2 first, 3 middle, 4 last piece of a record split over blocks)."""
+    1 full, 2 first, 3 middle, 4 last piece of a record split over blocks). W&B's service may
+    still be writing the file: a piece whose bytes are not all there yet ends the list."""
     data = path.read_bytes()
     ident, magic, _ = struct.unpack("<4sHB", data[:7])
     assert ident == b":W&B" and magic == 0xBEE1, f"{path} is not a W&B record file"
@@ -63,6 +64,8 @@ def read_wandb_records(path: Path) -> list[bytes]:
             continue
         _, length, kind = struct.unpack("<IHB", data[position: position + header_size])
         position += header_size
+        if position + length > len(data):  # being written
+            break
         chunk = data[position: position + length]
         position += length
         if kind == 0:
@@ -80,20 +83,29 @@ def read_wandb_records(path: Path) -> list[bytes]:
 
 def read_run_records(run_dir: Path, timeout: float = 30.0) -> list:
     """The parsed records of a finished offline run. ``finish()`` can return before W&B's service
-    process has written the last records, so wait (up to ``timeout`` seconds) for the exit record."""
+    process has written the last records, so wait (up to ``timeout`` seconds) for the exit record;
+    a record that does not parse yet (caught while its bytes were being written) is read again."""
+    from google.protobuf.message import DecodeError
     from wandb.proto import wandb_internal_pb2
 
     (record_file,) = run_dir.glob("run-*.wandb")
     deadline = time.monotonic() + timeout
     while True:
-        records = []
+        records, unreadable = [], None
         for raw in read_wandb_records(record_file):
             record = wandb_internal_pb2.Record()
-            record.ParseFromString(raw)
+            try:
+                record.ParseFromString(raw)
+            except DecodeError as error:
+                unreadable = error
+                break
             records.append(record)
-        if any(record.WhichOneof("record_type") == "exit" for record in records):
+        if unreadable is None and any(record.WhichOneof("record_type") == "exit" for record in records):
             return records
         if time.monotonic() > deadline:
+            if unreadable is not None:
+                raise AssertionError(f"{record_file} still holds an unreadable record after {timeout} s") \
+                    from unreadable
             raise AssertionError(f"{record_file} has no exit record after {timeout} s")
         time.sleep(0.2)
 
