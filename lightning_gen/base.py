@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Container, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, ClassVar
 
 import lightning as L
@@ -71,6 +71,8 @@ PENDING_VALUES = 1024
 # Keys this project adds to every checkpoint it writes.
 CLASS_KEY = "lightning_gen_class"
 RNG_KEY = "lightning_gen_rng_states"
+# The seed of every validation and test draw (with the batch and rank; see evaluation_rng).
+EVALUATION_SEED = 0
 
 
 class DivergenceError(RuntimeError):
@@ -358,10 +360,25 @@ class GenerativeModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor | None:
-        return self._step(batch, batch_idx, "val")
+        with self.evaluation_rng(batch_idx):
+            return self._step(batch, batch_idx, "val")
 
     def test_step(self, batch: Any, batch_idx: int) -> Tensor | None:
-        return self._step(batch, batch_idx, "test")
+        with self.evaluation_rng(batch_idx):
+            return self._step(batch, batch_idx, "test")
+
+    def evaluation_rng(self, batch_idx: int) -> AbstractContextManager[None]:
+        """The random state of an evaluation batch's draws (noise, time steps, latents,
+        dequantization): seeded by the batch and the rank alone, leaving the global state as it was.
+
+        Why: validation inside a fit then takes nothing from the training draws, so a fit draws
+        the same whether and when it validates, and a fit stopped by SIGTERM inside a validation
+        resumes exactly (callbacks/termination.py). And every evaluation of a run, and of any
+        other run or checkpoint on the same data, uses the same draws (common random numbers), so
+        differences in val/ and test/ metrics come from the weights, not from the noise."""
+        trainer = self._trainer  # None when a step is called outside a Trainer
+        world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        return self.seeded_rng(EVALUATION_SEED, batch_idx * world_size + rank)
 
     # ---------------------------------------------------------------------- the weight average
     def averaged_network(self) -> tuple[nn.Module, ExponentialMovingAverage | None] | None:

@@ -9,7 +9,9 @@ A new family adds one entry; every check below then applies to it:
   model's device and is reproducible under ``torch.manual_seed``;
 - ``predict_step`` returns samples;
 - a checkpoint reloads with ``load_from_checkpoint(path)`` alone and samples what the original did;
-- ``log_prob`` (where the family has one) is finite and of shape (B,).
+- ``log_prob`` (where the family has one) is finite and of shape (B,);
+- validation and test steps draw from their own seeded random state: they leave the global one as
+  it was, and their metrics do not depend on it.
 """
 
 from __future__ import annotations
@@ -120,6 +122,23 @@ def make_data(name: str, mnist_root) -> L.LightningDataModule:
                          num_predict_samples=8)
 
 
+class RandomStateWatch(L.Callback):
+    """Records whether any validation or test step changed the global random state."""
+
+    def __init__(self) -> None:
+        self.changed: list[int] = []
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self.before = torch.get_rng_state()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if not torch.equal(torch.get_rng_state(), self.before):
+            self.changed.append(batch_idx)
+
+    on_test_batch_start = on_validation_batch_start
+    on_test_batch_end = on_validation_batch_end
+
+
 def tiny_trainer(root, **overrides) -> L.Trainer:
     settings = dict(accelerator="cpu", devices=1, max_steps=2, limit_val_batches=1,
                     limit_test_batches=1, num_sanity_val_steps=0, logger=False,
@@ -194,3 +213,19 @@ def test_family_contract(name, tmp_path, mnist_root):
         log_prob = model.log_prob(x)
         assert log_prob.shape == (4,)
         assert torch.isfinite(log_prob).all()
+
+    # 7. Evaluation draws (noise, time steps, latents, dequantization) are the batch's own: the
+    #    global random state is left as it was (so validating inside a fit changes nothing the
+    #    training draws, and a fit stopped inside a validation resumes exactly), and two
+    #    evaluations of the same weights measure the same numbers whatever the global state.
+    watch = RandomStateWatch()
+    evaluator = tiny_trainer(tmp_path, callbacks=[watch], limit_val_batches=2, limit_test_batches=2)
+    measured = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        (validated,) = evaluator.validate(model, datamodule=data, verbose=False)
+        (tested,) = evaluator.test(model, datamodule=data, verbose=False)
+        measured.append({**validated, **tested})
+    assert measured[0] and measured[0] == measured[1]
+    assert watch.changed == []
+
