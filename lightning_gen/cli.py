@@ -22,8 +22,9 @@ What the command line guarantees (a run does what its command says, or stops):
 - Options that only change evaluation or sampling (``EVALUATION_OPTIONS`` of each model) come from
   the config and the command line, never from the checkpoint.
 - SIGTERM (a scheduler's stop, ``timeout``) saves a resumable ``last.ckpt`` at the next batch
-  boundary and exits with status 143; a step that does not end within ``LIGHTNING_GEN_TERM_GRACE``
-  seconds (default 60) is cut short, exiting 143 all the same.
+  boundary (of training, or of a validation inside the fit) and exits with status 143, naming the
+  file it saved; a step that does not end within ``LIGHTNING_GEN_TERM_GRACE`` seconds (default
+  60) is cut short, exiting 143 all the same.
 - A mistake in the options or the data ends the run with a one-line ``error: ...`` and status 1;
   ``LIGHTNING_GEN_TRACEBACK=1`` shows the full traceback instead.
 """
@@ -348,6 +349,21 @@ def error_message(error: BaseException) -> str:
     return str(chosen) or type(chosen).__name__
 
 
+def sigterm_message(stop: SIGTERMException) -> str:
+    """The last line after SIGTERM stopped a run: the checkpoint CheckpointOnTerminate saved and
+    how to resume it, or why there is none."""
+    saved = getattr(stop, "saved_checkpoints", None)
+    if saved:
+        return (f"stopped by SIGTERM; saved {', '.join(str(path) for path in saved)} "
+                "(resume with fit --ckpt_path last)")
+    if saved is not None:
+        return ("stopped by SIGTERM; no checkpoint saved: checkpoint_on_terminate is off or no "
+                "ModelCheckpoint of the fit keeps last.ckpt (set save_last: true to resume a "
+                "stopped fit)")
+    return ("stopped by SIGTERM; no checkpoint saved (the run was not training: a validate, "
+            "test or predict run, or a fit's sanity check before its first step)")
+
+
 def close_process_group() -> None:
     """Close a distributed run's process group before the interpreter exits: Lightning leaves it
     open (so a script can go on with another Trainer call), and gloo's connections torn down at
@@ -363,9 +379,8 @@ def console_main(args: list[str] | None = None) -> None:
     try:
         main(args)
         close_process_group()
-    except SIGTERMException:
-        sys.stderr.write("error: stopped by SIGTERM (last.ckpt saved where a ModelCheckpoint "
-                         "folder is set; resume with fit --ckpt_path last)\n")
+    except SIGTERMException as stop:
+        sys.stderr.write(f"error: {sigterm_message(stop)}\n")
         sys.exit(SIGTERM_EXIT_STATUS)
     except Exception as error:  # noqa: BLE001 (every failure ends as one line and status 1)
         if os.environ.get("LIGHTNING_GEN_TRACEBACK", "") not in ("", "0"):

@@ -331,47 +331,72 @@ def test_bf16_with_gradient_clipping_trains(run_dir):
 
 
 # ------------------------------------------------------------------------------------ 8. kills
+# The test process's own folder holds signal_helpers.SigtermAt, which the CLI runs load as a callback.
+SIGNAL_ENV = {"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+
+
+def sigterm_fit_options(config: str, steps: int) -> list[str]:
+    """A small, validated-every-epoch fit of ``config`` (CSV logs, CPU) for the SIGTERM tests."""
+    small = {"diffusion_moons.yaml": ["--model.init_args.mlp.hidden_dim", "16",
+                                      "--model.init_args.mlp.num_layers", "1"],
+             "vae_8gaussians.yaml": ["--model.init_args.hidden_dims", "[16]"]}[config]
+    return ["--config", str(CONFIGS / config), *QUICK, "--trainer.max_steps", str(steps),
+            "--trainer.max_epochs", "-1", "--trainer.check_val_every_n_epoch", "1", *small]
+
+
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_that_resumes_exactly(tmp_path):
-    """Stop a fit with SIGTERM mid-epoch, resume it, and compare the weights with an uninterrupted
-    fit of the same number of steps: they must be equal bit for bit (data order, noise, EMA)."""
-    config = str(CONFIGS / "diffusion_moons.yaml")
-    # 78 batches an epoch, validated (and last.ckpt saved) after each: the run ends with epoch 10.
-    steps = 780
-    common = ["--config", config, "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
-              "--trainer.logger.save_dir", "logs", "--trainer.logger.flush_logs_every_n_steps", "1",
-              "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
-              "--trainer.accelerator", "cpu", "--trainer.max_steps", str(steps),
-              "--trainer.check_val_every_n_epoch", "1",
-              "--model.init_args.mlp.hidden_dim", "16", "--model.init_args.mlp.num_layers", "1"]
-    environment = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
+@pytest.mark.parametrize("config, stage", [("diffusion_moons.yaml", "train"),
+                                           ("vae_8gaussians.yaml", "validation")])
+def test_sigterm_saves_a_checkpoint_that_resumes_exactly(config, stage, tmp_path):
+    """Stop a fit with SIGTERM after training step 100 (diffusion: data order, noise, EMA), or inside
+    the first validation after step 100 (the VAE, whose validation draws latents), resume it, and
+    compare the weights with an uninterrupted fit of the same number of steps: they must be equal
+    bit for bit. Either way the process exits 143 and its last line names the checkpoint saved."""
+    steps = 300  # epochs of 78 batches (20000 points, 256 a batch): validations at steps 78, 156, 234
+    common = sigterm_fit_options(config, steps)
+    name = config.removesuffix(".yaml")
     killed = tmp_path / "killed"
     killed.mkdir()
-    process = subprocess.Popen([sys.executable, str(REPO / "cli.py"), "fit", *common], cwd=killed,
-                               env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = killed / "logs" / "diffusion_moons" / "version_0" / "metrics.csv"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and process.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) > 30:
-            break
-        time.sleep(0.2)
-    assert process.poll() is None, process.communicate()[1][-3000:]
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 143, stderr[-3000:]
-    last = killed / "checkpoints" / "diffusion_moons" / "last.ckpt"
+    stopped = cli("fit", *common, "--trainer.callbacks+=signal_helpers.SigtermAt",
+                  "--trainer.callbacks.step", "100", "--trainer.callbacks.stage", stage,
+                  cwd=killed, env=SIGNAL_ENV)
+    last = killed / "checkpoints" / name / "last.ckpt"
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert stopped.stderr.strip().splitlines()[-1] == (
+        f"error: stopped by SIGTERM; saved {last} (resume with fit --ckpt_path last)"), stopped.stderr[-3000:]
     stopped_at = torch.load(last, weights_only=True)["global_step"]
-    assert 0 < stopped_at < steps, stopped_at
+    if stage == "train":
+        assert stopped_at == 100
+    else:  # in the validation at the end of the epoch that holds step 100
+        assert stopped_at == 156
 
-    ok(cli("fit", *common, "--ckpt_path", str(last), cwd=killed))
+    ok(cli("fit", *common, "--ckpt_path", "last", cwd=killed))
     whole = tmp_path / "whole"
     whole.mkdir()
     ok(cli("fit", *common, cwd=whole))
     resumed = torch.load(last, weights_only=True)
-    uninterrupted = torch.load(whole / "checkpoints" / "diffusion_moons" / "last.ckpt", weights_only=True)
+    uninterrupted = torch.load(whole / "checkpoints" / name / "last.ckpt", weights_only=True)
     assert resumed["global_step"] == uninterrupted["global_step"] == steps
-    for name, tensor in uninterrupted["state_dict"].items():
-        assert torch.equal(resumed["state_dict"][name], tensor), name
+    for key, tensor in uninterrupted["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][key], tensor), key
+
+
+@pytest.mark.parametrize("case", ["sanity check", "callback off"])
+def test_a_sigterm_that_saves_nothing_says_so(case, run_dir):
+    """SIGTERM in the sanity check (before any training step), or with checkpoint_on_terminate
+    off, exits 143 with a last line that says no checkpoint was saved and why."""
+    common = sigterm_fit_options("vae_8gaussians.yaml", 300)
+    if case == "sanity check":
+        extra = ["--trainer.callbacks.stage", "sanity"]
+        expected = "no checkpoint saved (the run was not training"
+    else:
+        extra = ["--trainer.callbacks.step", "5", "--checkpoint_on_terminate.enabled", "false"]
+        expected = "no checkpoint saved: checkpoint_on_terminate is off"
+    result = cli("fit", *common, "--trainer.callbacks+=signal_helpers.SigtermAt", *extra,
+                 cwd=run_dir, env=SIGNAL_ENV)
+    assert result.returncode == 143, result.stderr[-3000:]
+    assert expected in result.stderr.strip().splitlines()[-1], result.stderr[-3000:]
+    assert not (run_dir / "checkpoints" / "vae_8gaussians" / "last.ckpt").exists()
 
 
 def test_a_sigterm_during_setup_exits_non_zero(run_dir):

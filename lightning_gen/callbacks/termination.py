@@ -6,6 +6,7 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -28,6 +29,16 @@ class CheckpointOnTerminate(StepFreeCallback):
     step, so the saved state (weights, optimizer, loop and data loader positions, random state) is
     that of a clean boundary and the resumed fit continues exactly where this one stopped.
 
+    A SIGTERM inside a validation of the fit stops it after that validation batch. The state
+    saved is then that of the last training step (validation draws from its own seeded random
+    state, ``GenerativeModule.evaluation_rng``, and changes no weights), and the resumed fit goes
+    on training from there without finishing that one validation: its metrics, its checkpoint
+    choice and what callbacks do at its end are skipped. A SIGTERM in the sanity check, before
+    the first training step, saves nothing (there is nothing to resume).
+
+    The paths saved (none when the callback is off or no ModelCheckpoint keeps ``last.ckpt``) are
+    set on the exception as ``saved_checkpoints``; the CLI's last line names them.
+
     Args:
         enabled: False turns the callback off.
     """
@@ -37,10 +48,16 @@ class CheckpointOnTerminate(StepFreeCallback):
         self.enabled = enabled
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if not self.enabled or not isinstance(exception, SIGTERMException) or not trainer.training:
+        if (not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING
+                or trainer.sanity_checking):
+            return
+        saved: list[Path] = []
+        exception.saved_checkpoints = saved
+        if not self.enabled:
             return
         for _, path in last_checkpoint_paths(trainer):
             trainer.save_checkpoint(path)
+            saved.append(path)
             rank_zero_info(f"SIGTERM: saved {path} at step {trainer.global_step}")
 
 
