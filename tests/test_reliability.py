@@ -524,11 +524,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def two_nodes(*args: str, cwd: Path) -> None:
+def two_nodes(*args: str, cwd: Path, succeed: bool = True, env: dict | None = None) -> list[str]:
     """``cli.py ARGS`` as 2 nodes x 1 process, each node started by torchrun as a cluster launcher
-    would (``--nnodes 2 --node-rank R`` with a loopback master address), on a shared folder."""
+    would (``--nnodes 2 --node-rank R`` with a loopback master address), on a shared folder.
+    Returns each node's stderr; ``succeed`` asks every node to exit 0 (else: non-zero)."""
     port = free_port()
-    environment = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", **(env or {})}
     nodes = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
          "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
@@ -536,9 +537,12 @@ def two_nodes(*args: str, cwd: Path) -> None:
          "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"],
         cwd=cwd, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for rank in range(2)]
+    errors = []
     for node in nodes:
         _, stderr = node.communicate(timeout=300)
-        assert node.returncode == 0, stderr[-3000:]
+        assert (node.returncode == 0) == succeed, stderr[-3000:]
+        errors.append(stderr)
+    return errors
 
 
 @pytest.mark.slow
@@ -571,3 +575,34 @@ def test_two_nodes_train_validate_and_predict_as_one_process_does(run_dir):
     on_nodes = torch.load(run_dir / "nodes_out" / "samples.pt")
     assert len(torch.unique(on_nodes, dim=0)) == 11
     torch.testing.assert_close(on_nodes, torch.load(run_dir / "single_out" / "samples.pt"), rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_two_nodes_stopped_by_sigterm_inside_a_validation_resume_exactly(tmp_path):
+    """SIGTERM reaches every process of a 2-node fit (as SLURM's --signal does) inside the first
+    validation after step 20: each process exits 143 naming last.ckpt, rank 0 has written it at
+    the last training step, and the 2-node fit resumed from it ends with the weights of an
+    uninterrupted 2-node fit, bit for bit."""
+    common = sigterm_fit_options("vae_8gaussians.yaml", 120)
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    errors = two_nodes("fit", *common, "--trainer.callbacks+=signal_helpers.SigtermAt",
+                       "--trainer.callbacks.step", "20", "--trainer.callbacks.stage", "validation",
+                       cwd=killed, succeed=False, env=SIGNAL_ENV)
+    last = killed / "checkpoints" / "vae_8gaussians" / "last.ckpt"
+    for stderr in errors:  # each worker's own last line, then torchrun's report of its exit status
+        assert f"error: stopped by SIGTERM; saved {last} (resume with fit --ckpt_path last)" in stderr
+        assert "exitcode  : 143" in stderr, stderr[-3000:]
+    # 20000 points in 256-point batches on 2 processes: 39 steps an epoch, validated at its end.
+    assert torch.load(last, weights_only=True)["global_step"] == 39
+
+    two_nodes("fit", *common, "--ckpt_path", "last", cwd=killed)
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    two_nodes("fit", *common, cwd=whole)
+    resumed = torch.load(last, weights_only=True)
+    uninterrupted = torch.load(whole / "checkpoints" / "vae_8gaussians" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == uninterrupted["global_step"] == 120
+    for key, tensor in uninterrupted["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][key], tensor), key
+
