@@ -56,7 +56,7 @@ class CheckpointOnTerminate(StepFreeCallback):
         if not self.enabled:
             return
         for _, path in last_checkpoint_paths(trainer):
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(path, weights_only=False)  # all of it, to resume from
             saved.append(path)
             rank_zero_info(f"SIGTERM: saved {path} at step {trainer.global_step}")
 
@@ -91,6 +91,6 @@ class LastCheckpointAtFitEnd(StepFreeCallback):
                 continue
             if trainer.is_global_zero and path.is_symlink():  # save_last="link": replace the link
                 path.unlink()
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(path, weights_only=False)  # all of it, to resume from
             callback.last_model_path = str(path)
             rank_zero_info(f"saved {path} at step {trainer.global_step}, the end of the fit")
