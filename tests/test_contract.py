@@ -127,6 +127,7 @@ class RandomStateWatch(L.Callback):
 
     def __init__(self) -> None:
         self.changed: list[int] = []
+        self.before: torch.Tensor | None = None
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         self.before = torch.get_rng_state()
@@ -228,4 +229,3 @@ def test_family_contract(name, tmp_path, mnist_root):
         measured.append({**validated, **tested})
     assert measured[0] and measured[0] == measured[1]
     assert watch.changed == []
-
