@@ -34,7 +34,7 @@ from lightning_gen.callbacks import (
     CheckpointOnTerminate, ImageQualityMetrics, LastCheckpointAtFitEnd, PredictionWriter, SampleDistanceMetrics,
     SampleLogger,
 )
-from lightning_gen.callbacks.hooks import TRAINING_STEP_HOOKS, StepFreeCallback
+from lightning_gen.callbacks.hooks import TRAINING_STEP_HOOKS, NullProfiler, StepFreeCallback
 from lightning_gen.nn import ExponentialMovingAverage
 
 BATCHES = 7
@@ -454,3 +454,53 @@ def test_single_process_gan_steps_leave_the_generator_without_a_zero_gradient(tm
     loss.backward()
     assert all(parameter.grad is None for parameter in model.generator.parameters())
     assert all(parameter.grad is not None for parameter in model.discriminator.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_lightnings_hook_name_bookkeeping_skips_nn_modules_setattr(name, tmp_path, monkeypatch):
+    """Lightning sets the module's _current_fx_name around every hook call; GenerativeModule
+    stores it without nn.Module.__setattr__ (whose checks for parameters, buffers and modules
+    cost about 1.4 us a call). The attribute still reads back as Lightning set it, and a module or
+    parameter set on the model is still registered."""
+    calls = []
+    module_setattr = nn.Module.__setattr__
+
+    def counting_setattr(module, attribute, value):
+        calls.append(attribute)
+        module_setattr(module, attribute, value)
+
+    class Window(Callback):  # counts over the middle batches' hooks only
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if batch_idx == 2:
+                monkeypatch.setattr(nn.Module, "__setattr__", counting_setattr)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if batch_idx == BATCHES - 2:
+                monkeypatch.setattr(nn.Module, "__setattr__", module_setattr)
+
+    model, trainer = fit(name, tmp_path, 50, callbacks=[Window()], logger=False)
+    assert trainer.global_step > 0 and calls == []
+    model._current_fx_name = "training_step"
+    assert model._current_fx_name == vars(model)["_current_fx_name"] == "training_step"
+    model.extra = nn.Linear(1, 1)
+    model.scale = nn.Parameter(torch.ones(1))
+    assert "extra" in dict(model.named_children()) and "scale" in dict(model.named_parameters())
+
+
+def test_null_profiler_is_the_clis_default_and_a_named_profiler_is_kept(tmp_path, monkeypatch):
+    from lightning.pytorch.profilers import SimpleProfiler
+
+    from cli_helpers import CONFIGS, QUICK, run_cli
+
+    monkeypatch.chdir(tmp_path)
+    config = ["--config", str(CONFIGS / "vae_8gaussians.yaml"), *QUICK]
+    assert type(run_cli(*config, run=False).trainer.profiler) is NullProfiler
+    named = run_cli(*config, "--trainer.profiler", "simple", run=False).trainer.profiler
+    assert type(named) is SimpleProfiler
+    # NullProfiler records nothing and hands out one reusable context for every action
+    profiler = NullProfiler()
+    with profiler.profile("a") as first, profiler.profile("b") as second:
+        assert first is second is None
+    assert profiler.profile("a") is profiler.profile("b")
+    assert profiler.summary() == ""
+
