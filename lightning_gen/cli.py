@@ -50,8 +50,8 @@ import lightning_gen  # noqa: F401  (registers the models for --model NAME)
 import lightning_gen.metrics  # noqa: F401  (registers MNISTClassifier)
 from lightning_gen.base import CLASS_KEY, GenerativeModule
 from lightning_gen.callbacks import (
-    CheckpointOnTerminate, ImageQualityMetrics, LastCheckpointAtFitEnd, PredictionWriter, SampleDistanceMetrics,
-    SampleLogger, TimedProgressBar,
+    CheckpointOnTerminate, ImageQualityMetrics, LastCheckpointAtFitEnd, NullProfiler, PredictionWriter,
+    SampleDistanceMetrics, SampleLogger, TimedProgressBar,
 )
 
 # Exit status after SIGTERM: 128 + 15, as a shell reports a process the signal ended.
@@ -208,10 +208,13 @@ class GenerativeCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any):
         """The Trainer, with ``TimedProgressBar`` for Lightning's default bar (see there) unless
-        the config turns the bar off or names a progress bar of its own."""
+        the config turns the bar off or names a progress bar of its own, and ``NullProfiler`` for
+        Lightning's default profiler unless the config names one (callbacks/hooks.py)."""
         from lightning.pytorch.callbacks.progress import ProgressBar
 
         trainer = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        if trainer.get("profiler") is None:
+            kwargs["profiler"] = NullProfiler()
         callbacks = trainer.get("callbacks")
         callbacks = [] if callbacks is None else list(callbacks) if isinstance(callbacks, list) else [callbacks]
         if trainer.get("enable_progress_bar") is not False and not any(

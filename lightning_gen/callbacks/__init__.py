@@ -1,5 +1,6 @@
 """Callbacks that work with every family and every logger."""
 
+from lightning_gen.callbacks.hooks import NullProfiler
 from lightning_gen.callbacks.latent import LatentInterpolation, interpolate
 from lightning_gen.callbacks.media import image_grid, log_image, samples_image, scatter_image
 from lightning_gen.callbacks.prediction import PredictionWriter, write_samples
@@ -11,6 +12,6 @@ from lightning_gen.callbacks.termination import CheckpointOnTerminate, LastCheck
 
 __all__ = [
     "CheckpointOnTerminate", "ImageQualityMetrics", "LastCheckpointAtFitEnd", "LatentInterpolation",
-    "PredictionWriter", "SampleDistanceMetrics", "SampleLogger", "SpeedOptions", "TimedProgressBar", "image_grid", "interpolate",
+    "NullProfiler", "PredictionWriter", "SampleDistanceMetrics", "SampleLogger", "SpeedOptions", "TimedProgressBar", "image_grid", "interpolate",
     "log_image", "samples_image", "scatter_image", "write_samples",
 ]
