@@ -30,6 +30,19 @@ def test_throughput_script_measures_every_family(mnist_root):
         assert all(float(cell) > 0 for cell in row[2:]), row
 
 
+def test_hook_costs_script_times_each_bookkeeping_path():
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "hook_costs.py"), "--calls", "1000"],
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    timed = dict(line.rsplit(": ", 1) for line in result.stdout.splitlines())
+    assert list(timed) == ["nn.Module.__setattr__ of _current_fx_name",
+                           "GenerativeModule.__setattr__ of _current_fx_name",
+                           "GenerativeModule.__setattr__ of another attribute",
+                           "with PassThroughProfiler().profile(name)", "with NullProfiler().profile(name)"]
+    assert all(value.endswith(" us") and float(value.removesuffix(" us")) > 0 for value in timed.values())
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_cpu_bf16_script_times_both_precisions_of_the_laptop_presets(tmp_path, channels_last):
     result = subprocess.run(
