@@ -23,11 +23,12 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.profilers import SimpleProfiler
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_gen.base as base
-from cli_helpers import REPO
+from cli_helpers import CONFIGS, QUICK, REPO, run_cli
 from lightning_gen import GAN, VAE, Diffusion, RealNVP
 from lightning_gen.base import DivergenceError
 from lightning_gen.callbacks import (
@@ -488,10 +489,6 @@ def test_lightnings_hook_name_bookkeeping_skips_nn_modules_setattr(name, tmp_pat
 
 
 def test_null_profiler_is_the_clis_default_and_a_named_profiler_is_kept(tmp_path, monkeypatch):
-    from lightning.pytorch.profilers import SimpleProfiler
-
-    from cli_helpers import CONFIGS, QUICK, run_cli
-
     monkeypatch.chdir(tmp_path)
     config = ["--config", str(CONFIGS / "vae_8gaussians.yaml"), *QUICK]
     assert type(run_cli(*config, run=False).trainer.profiler) is NullProfiler
