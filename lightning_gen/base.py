@@ -62,7 +62,8 @@ skip_nvml_probe_without_driver()
 
 LR_SCHEDULES = ("constant", "cosine")
 #: Seconds between two updates of the training values shown in the progress bar (``prog_bar``
-#: metrics, the loss), and between two redraws of the CLI's bar (``TimedProgressBar``): about
+#: metrics, the loss; logged for a bar that reads ``trainer.progress_bar_metrics``), and between
+#: two redraws of the CLI's bar (``TimedProgressBar``, which reads them from the module): about
 #: what an eye can follow, and what tqdm's own ``mininterval`` is.
 PROGRESS_BAR_INTERVAL_S = 0.1
 #: Training values (metrics, watched losses) kept before they are reduced: bounds the memory of a
@@ -128,9 +129,11 @@ def forget_earlier_step_values(trainer: L.Trainer | None, names: Container[str])
 class StepLogging:
     """What the current training batch logs (see ``GenerativeModule.log_metric``)."""
 
-    __slots__ = ("every_step", "in_batch", "late", "logged_names", "progress_bar", "progress_bar_time", "write")
+    __slots__ = ("bar_reads_values", "every_step", "in_batch", "late", "logged_names", "progress_bar",
+                 "progress_bar_time", "write")
 
     def __init__(self) -> None:
+        self.bar_reads_values = False  # the progress bar reads them itself (progress_bar_values)
         self.every_step = False  # a callback monitors a training step value: log every step
         self.in_batch = False  # between on_train_batch_start and on_train_batch_end
         self.write = True  # Lightning writes the step values to the loggers after this batch
@@ -514,7 +517,8 @@ class GenerativeModule(L.LightningModule):
         logging = self._logging
         now = time.monotonic()
         logging.write = logging.every_step or logger_writes_this_step(self._trainer)
-        logging.progress_bar = logging.write or now - logging.progress_bar_time >= PROGRESS_BAR_INTERVAL_S
+        logging.progress_bar = logging.write or (not logging.bar_reads_values and
+                                                 now - logging.progress_bar_time >= PROGRESS_BAR_INTERVAL_S)
         if logging.progress_bar:
             logging.progress_bar_time = now
         forget_earlier_step_values(self._trainer, self._training_metrics.latest)
@@ -584,6 +588,11 @@ class GenerativeModule(L.LightningModule):
         self._logging.every_step = any(
             isinstance(getattr(callback, "monitor", None), str) and callback.monitor.startswith("train/")
             and not callback.monitor.endswith("_epoch") for callback in self.trainer.callbacks)
+        # A bar that reads the values from this module (TimedProgressBar, the CLI's) needs no
+        # self.log between logging steps: one costs more than all of Lightning's other per-step
+        # work (benchmarks/results/throughput.md, "What one self.log costs").
+        self._logging.bar_reads_values = bool(getattr(self.trainer.progress_bar_callback,
+                                                      "reads_training_values", False))
         states, self._rng_states_to_restore = self._rng_states_to_restore, None
         if states is not None and self.trainer.ckpt_path is not None:  # resuming a fit
             torch.set_rng_state(states["torch"])
@@ -609,7 +618,8 @@ class GenerativeModule(L.LightningModule):
           of the last such step, and, after the epoch, of the last step (given to
           ``callback_metrics`` only, not to the loggers);
         - the progress bar's values (``prog_bar``: the loss) also whenever the bar is due for an
-          update (``PROGRESS_BAR_INTERVAL_S``);
+          update (``PROGRESS_BAR_INTERVAL_S``), unless the bar reads them from the module at each
+          redraw (``progress_bar_values``; ``TimedProgressBar``, the CLI's bar, does);
         - every step value on every step when a callback monitors one (``monitor`` naming a
           ``train/`` value that is not an ``_epoch`` mean), so it never reads a stale one;
         - the epoch mean (weighted by ``batch_size``) is summed on the device, without a host
@@ -637,6 +647,14 @@ class GenerativeModule(L.LightningModule):
         batch hooks (every value is then logged as it comes)."""
         logging = self._logging
         return not logging.in_batch or logging.write or (prog_bar and logging.progress_bar)
+
+    def progress_bar_values(self) -> dict[str, float]:
+        """The latest training values logged with ``prog_bar`` (the loss), by logged name, as
+        Python numbers: what a progress bar shows. A bar that reads them here at each redraw, and
+        says so with a true ``reads_training_values`` attribute, spares the module a ``self.log``
+        per redraw between logging steps (``TimedProgressBar``)."""
+        return {f"train/{name}": value.item() for name, (value, _, prog_bar)
+                in self._training_metrics.latest.items() if prog_bar and value.numel() == 1}
 
     def log_step_metrics(self) -> None:
         """At the end of a training step that logs (see log_metric), log the last value of each

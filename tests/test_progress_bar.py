@@ -3,6 +3,7 @@ command line's default bar."""
 
 from __future__ import annotations
 
+import csv
 import lightning as L
 import pytest
 import torch
@@ -117,16 +118,74 @@ def item_calls(monkeypatch, bar, batches: int) -> int:
 
 @pytest.mark.parametrize("bar", [TimedProgressBar, TQDMProgressBar])
 def test_the_progress_bar_loss_costs_no_host_sync_per_batch(bar, monkeypatch):
-    """The loss shown in the bar is converted when it is logged, not after every later batch
-    (Lightning converts every prog_bar value of the epoch after each batch unless the module
-    marks the earlier ones as not logged: base.forget_earlier_step_values)."""
-    monkeypatch.setattr(progress, "time", Clock(step=0.0))
+    """The loss shown in the bar is converted when it is shown (TimedProgressBar) or logged
+    (Lightning's bar), not after every later batch (Lightning converts every prog_bar value of
+    the epoch after each batch unless the module marks the earlier ones as not logged:
+    base.forget_earlier_step_values)."""
+    monkeypatch.setattr(progress, "time", Clock(step=0.0))  # the timed bar redraws the first and last batch
     monkeypatch.setattr(base, "PROGRESS_BAR_INTERVAL_S", 3600.0)  # the loss is logged at batch 1 only
     counts = [item_calls(monkeypatch, bar(), batches) for batches in (8, 16)]
     assert counts[0] == counts[1]
-    monkeypatch.setattr(base, "forget_earlier_step_values", lambda trainer, names: None)
-    without = [item_calls(monkeypatch, bar(), batches) for batches in (8, 16)]
-    assert without[1] - without[0] >= 8  # the test can fail: one conversion per batch without it
+    if bar is TQDMProgressBar:  # the test can fail: one conversion per batch without the module's mark
+        monkeypatch.setattr(base, "forget_earlier_step_values", lambda trainer, names: None)
+        without = [item_calls(monkeypatch, bar(), batches) for batches in (8, 16)]
+        assert without[1] - without[0] >= 8
+
+
+def log_calls(monkeypatch, bar, batches: int) -> int:
+    """LightningModule.log calls during a fit of ``batches`` batches (no logging step after the
+    first: log_every_n_steps 50)."""
+    calls = []
+    log = L.LightningModule.log
+    monkeypatch.setattr(L.LightningModule, "log", lambda *args, **kwargs: calls.append(1) or log(*args, **kwargs))
+    trainer(bar, limit_val_batches=0).fit(model(), loader(batches))
+    monkeypatch.setattr(L.LightningModule, "log", log)
+    return len(calls)
+
+
+def test_the_timed_bar_reads_the_loss_so_the_module_logs_none_for_it(monkeypatch):
+    """With the module's bar interval at 0, a bar that reads trainer.progress_bar_metrics needs a
+    self.log of the loss per batch; TimedProgressBar, which reads the module, needs none."""
+    monkeypatch.setattr(base, "PROGRESS_BAR_INTERVAL_S", 0.0)
+    timed = [log_calls(monkeypatch, TimedProgressBar(refresh_interval=0.0), batches) for batches in (8, 16)]
+    assert timed[0] == timed[1]
+    lightning = [log_calls(monkeypatch, TQDMProgressBar(), batches) for batches in (8, 16)]
+    assert lightning[1] - lightning[0] >= 8
+
+
+class RecordedMetrics:
+    """What the bar's get_metrics returned at each call (each redraw of the training bar)."""
+
+    def __init__(self, bar: TimedProgressBar) -> None:
+        self.calls: list[dict] = []
+        get_metrics = bar.get_metrics
+
+        def record(trainer, pl_module):
+            metrics = get_metrics(trainer, pl_module)
+            self.calls.append(dict(metrics))
+            return metrics
+
+        bar.get_metrics = record
+
+
+def test_the_timed_bar_shows_each_step_loss_after_the_version(tmp_path):
+    """Redrawn after every batch, the bar shows that batch's loss, as the logger wrote it, after
+    the logger's version number, as Lightning's bar orders them."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    batches = 6
+    every = CSVLogger(str(tmp_path / "every"), name="", version="")
+    trainer(TimedProgressBar(), limit_val_batches=0, logger=every, log_every_n_steps=1).fit(model(), loader(batches))
+    with open(tmp_path / "every" / "metrics.csv") as stream:
+        losses = [float(row["train/loss"]) for row in csv.DictReader(stream) if row.get("train/loss")]
+    assert len(losses) == batches
+    bar = TimedProgressBar(refresh_interval=0.0)
+    recorded = RecordedMetrics(bar)
+    shown_logger = CSVLogger(str(tmp_path / "shown"), name="", version=3)
+    trainer(bar, limit_val_batches=0, logger=shown_logger, log_every_n_steps=50).fit(model(), loader(batches))
+    per_batch = recorded.calls[:batches]
+    assert [metrics["train/loss"] for metrics in per_batch] == pytest.approx(losses, rel=1e-6)
+    assert all(list(metrics)[:2] == ["v_num", "train/loss"] and metrics["v_num"] == 3 for metrics in per_batch)
 
 
 def test_refresh_interval_must_be_a_duration():

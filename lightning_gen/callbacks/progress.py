@@ -11,6 +11,12 @@ its last redraw, once per redraw, and always at a bar's last batch; when a run s
 last batch (``max_steps``, ``max_time``, a stop) the bar is brought to the batches done before it
 is closed, so the count it leaves is exact.
 
+The training values it shows (the loss) it reads from the module at each redraw
+(``GenerativeModule.progress_bar_values``), where Lightning's bar reads what the module logged:
+the module then calls ``self.log`` for them only at the steps whose values go to the loggers,
+where one ``self.log`` per redraw cost the config-size autoencoder about 0.3 ms per step on the
+2-core CPU (benchmarks/results/throughput.md, "What one self.log costs").
+
 ``cli.py`` uses it unless the config turns the bar off (``trainer.enable_progress_bar: false``)
 or names a progress bar of its own in ``trainer.callbacks``.
 """
@@ -22,6 +28,8 @@ import time
 from typing import Any
 
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.progress_bar import get_standard_metrics
+from lightning.pytorch.trainer.states import TrainerFn
 
 from lightning_gen.base import PROGRESS_BAR_INTERVAL_S
 
@@ -38,6 +46,9 @@ class TimedProgressBar(TQDMProgressBar):
         process_position, leave: as ``TQDMProgressBar``.
     """
 
+    #: GenerativeModule reads this: the bar takes the module's training values itself.
+    reads_training_values = True
+
     def __init__(self, refresh_interval: float = PROGRESS_BAR_INTERVAL_S, refresh_rate: int = 1,
                  process_position: int = 0, leave: bool = False) -> None:
         if not math.isfinite(refresh_interval) or refresh_interval < 0:
@@ -46,6 +57,17 @@ class TimedProgressBar(TQDMProgressBar):
         self.refresh_interval = float(refresh_interval)
         self._last_redraw = -math.inf
         self._batches_done: dict[str, int] = {}  # bar -> batches done, shown or not
+
+    def get_metrics(self, trainer, pl_module) -> dict[str, int | str | float | dict[str, float]]:
+        """Lightning's bar metrics, with a fit's training values as of the latest step (from
+        ``progress_bar_values``, for a module that has it), after the standard ones (``v_num``)."""
+        metrics = super().get_metrics(trainer, pl_module)
+        values = getattr(pl_module, "progress_bar_values", None)
+        if values is None or trainer.state.fn != TrainerFn.FITTING:
+            return metrics
+        latest = values()
+        standard = {key: metrics[key] for key in get_standard_metrics(trainer) if key in metrics}
+        return {**standard, **latest, **{key: value for key, value in metrics.items() if key not in latest}}
 
     def _due(self, bar_name: str, current: int, total: int | float) -> bool:
         """Record ``current`` batches done on ``bar_name`` and say whether to redraw now."""
