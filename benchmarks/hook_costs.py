@@ -5,21 +5,27 @@ Lightning sets the module's ``_current_fx_name`` before and after every hook it 
 each call in ``trainer.profiler.profile(name)``. Printed, in microseconds per call (median of 5
 timings): the attribute set through ``nn.Module.__setattr__`` and through
 ``GenerativeModule.__setattr__``, and one ``with profiler.profile(...)`` under Lightning's
-``PassThroughProfiler`` and under ``NullProfiler``.
+``PassThroughProfiler`` and under ``NullProfiler``; then one ``self.log`` of a step value for the
+progress bar inside a training step (what a bar that reads ``trainer.progress_bar_metrics`` needs
+per redraw; "What one self.log costs").
 
-    python benchmarks/hook_costs.py [--calls 200000]
+    python benchmarks/hook_costs.py [--calls 200000] [--log-calls 2000]
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import sys
 import timeit
+import warnings
 from pathlib import Path
 
+import lightning as L
 import torch
 from lightning.pytorch.profilers import PassThroughProfiler
+from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from arguments import count
@@ -39,9 +45,41 @@ def profiled_hook(profiler):
     return run
 
 
+class TimedLog(L.LightningModule):
+    """One training step that times ``self.log`` of its loss (a step value for the progress bar,
+    as the models log it) inside the step, where Lightning accepts it."""
+
+    def __init__(self, calls: int) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(2, 1)
+        self.calls = calls
+        self.microseconds: float | None = None
+
+    def training_step(self, batch, batch_idx: int):
+        loss = self.linear(batch[0]).square().mean()
+        value = loss.detach()
+        self.microseconds = per_call_us(lambda: self.log("train/loss", value, on_step=True, on_epoch=False,
+                                                         prog_bar=True, batch_size=1), self.calls)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def log_us(calls: int) -> float:
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # its start and stop notes
+    warnings.filterwarnings("ignore", module="lightning")
+    module = TimedLog(calls)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False)
+    trainer.fit(module, DataLoader(TensorDataset(torch.randn(4, 2)), batch_size=4))
+    return module.microseconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=count, default=200_000, help="calls per timing")
+    parser.add_argument("--log-calls", type=count, default=2_000, help="self.log calls per timing")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = Autoencoder((2,), latent_dim=2, hidden_dims=(8,), reconstruction_loss="mse")
@@ -55,6 +93,7 @@ def main() -> None:
          per_call_us(lambda: setattr(model, "_another_attribute", 1), args.calls)),
         ("with PassThroughProfiler().profile(name)", per_call_us(profiled_hook(PassThroughProfiler()), args.calls)),
         ("with NullProfiler().profile(name)", per_call_us(profiled_hook(NullProfiler()), args.calls)),
+        ("self.log of a progress-bar step value in a training step", log_us(args.log_calls)),
     ]
     for name, microseconds in rows:
         print(f"{name}: {microseconds:.2f} us")
