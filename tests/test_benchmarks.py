@@ -226,3 +226,33 @@ def test_scoring_scripts_without_the_feature_network_say_how_to_train_it(tmp_pat
     present = tmp_path / "features.ckpt"
     present.write_bytes(b"")
     assert feature_network_file(parser, str(present)) == str(present)
+
+
+def step_segments(mnist_root, family: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "step_segments.py"), "--family", family, "--size", "tiny",
+         "--batch-size", "2", "--steps", "3", "--warmup-steps", "1", "--threads", "1"],
+        env={**os.environ, "PYTHONPATH": str(REPO), "LIGHTNING_GEN_DATA": str(mnist_root)},
+        capture_output=True, text=True, timeout=300)
+
+
+def test_step_segments_script_splits_both_steps_into_parts_that_add_up(mnist_root):
+    result = step_segments(mnist_root, "vae")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {cells[0]: cells[1:] for cells in (
+        [cell.strip() for cell in line.split("|")[1:-1]] for line in result.stdout.splitlines()
+        if line.startswith("| ") and not line.startswith("| segment"))}
+    assert len(rows) == 11 and "whole step" in rows
+    parts = [cells for name, cells in rows.items() if name != "whole step"]
+    trainer_total, plain_total = float(rows["whole step"][0]), float(rows["whole step"][1])
+    # each cell is rounded to the µs: the ten Trainer parts and five plain parts, within that
+    assert sum(float(cells[0]) for cells in parts) == pytest.approx(trainer_total, abs=5.01)
+    assert sum(float(cells[1]) for cells in parts if cells[1] != "-") == pytest.approx(plain_total, abs=2.51)
+    assert float(rows["loss()"][0]) > 0 and float(rows["backward (and its hooks)"][1]) > 0
+    assert "minor page faults per step: Trainer" in result.stdout and "self.log:" in result.stdout
+
+
+def test_step_segments_script_refuses_manual_optimization_in_one_line(mnist_root):
+    result = step_segments(mnist_root, "gan")
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("error: gan steps its optimizers by hand")
