@@ -129,11 +129,11 @@ def forget_earlier_step_values(trainer: L.Trainer | None, names: Container[str])
 class StepLogging:
     """What the current training batch logs (see ``GenerativeModule.log_metric``)."""
 
-    __slots__ = ("bar_reads_values", "every_step", "in_batch", "late", "logged_names", "progress_bar",
+    __slots__ = ("bar_reads_logged_values", "every_step", "in_batch", "late", "logged_names", "progress_bar",
                  "progress_bar_time", "write")
 
     def __init__(self) -> None:
-        self.bar_reads_values = False  # the progress bar reads them itself (progress_bar_values)
+        self.bar_reads_logged_values = True  # the progress bar shows what the module logs
         self.every_step = False  # a callback monitors a training step value: log every step
         self.in_batch = False  # between on_train_batch_start and on_train_batch_end
         self.write = True  # Lightning writes the step values to the loggers after this batch
@@ -517,7 +517,7 @@ class GenerativeModule(L.LightningModule):
         logging = self._logging
         now = time.monotonic()
         logging.write = logging.every_step or logger_writes_this_step(self._trainer)
-        logging.progress_bar = logging.write or (not logging.bar_reads_values and
+        logging.progress_bar = logging.write or (logging.bar_reads_logged_values and
                                                  now - logging.progress_bar_time >= PROGRESS_BAR_INTERVAL_S)
         if logging.progress_bar:
             logging.progress_bar_time = now
@@ -588,11 +588,12 @@ class GenerativeModule(L.LightningModule):
         self._logging.every_step = any(
             isinstance(getattr(callback, "monitor", None), str) and callback.monitor.startswith("train/")
             and not callback.monitor.endswith("_epoch") for callback in self.trainer.callbacks)
-        # A bar that reads the values from this module (TimedProgressBar, the CLI's) needs no
-        # self.log between logging steps: one costs more than all of Lightning's other per-step
-        # work (benchmarks/results/throughput.md, "What one self.log costs").
-        self._logging.bar_reads_values = bool(getattr(self.trainer.progress_bar_callback,
-                                                      "reads_training_values", False))
+        # Without a bar, or with one that reads the values from this module (TimedProgressBar,
+        # the CLI's), no self.log is needed between logging steps: one costs more than all of
+        # Lightning's other per-step work (benchmarks/results/throughput.md, "What one self.log
+        # costs").
+        bar = self.trainer.progress_bar_callback
+        self._logging.bar_reads_logged_values = bar is not None and not getattr(bar, "reads_training_values", False)
         states, self._rng_states_to_restore = self._rng_states_to_restore, None
         if states is not None and self.trainer.ckpt_path is not None:  # resuming a fit
             torch.set_rng_state(states["torch"])
@@ -618,8 +619,10 @@ class GenerativeModule(L.LightningModule):
           of the last such step, and, after the epoch, of the last step (given to
           ``callback_metrics`` only, not to the loggers);
         - the progress bar's values (``prog_bar``: the loss) also whenever the bar is due for an
-          update (``PROGRESS_BAR_INTERVAL_S``), unless the bar reads them from the module at each
-          redraw (``progress_bar_values``; ``TimedProgressBar``, the CLI's bar, does);
+          update (``PROGRESS_BAR_INTERVAL_S``), when the Trainer has a progress bar that shows
+          ``trainer.progress_bar_metrics`` (not when it has none, nor when the bar reads them from
+          the module at each redraw, ``progress_bar_values``, as ``TimedProgressBar``, the CLI's
+          bar, does);
         - every step value on every step when a callback monitors one (``monitor`` naming a
           ``train/`` value that is not an ``_epoch`` mean), so it never reads a stale one;
         - the epoch mean (weighted by ``batch_size``) is summed on the device, without a host

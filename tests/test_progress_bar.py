@@ -134,23 +134,26 @@ def test_the_progress_bar_loss_costs_no_host_sync_per_batch(bar, monkeypatch):
 
 def log_calls(monkeypatch, bar, batches: int) -> int:
     """LightningModule.log calls during a fit of ``batches`` batches (no logging step after the
-    first: log_every_n_steps 50)."""
+    first: log_every_n_steps 50) under ``bar`` (None: no progress bar)."""
     calls = []
     log = L.LightningModule.log
     monkeypatch.setattr(L.LightningModule, "log", lambda *args, **kwargs: calls.append(1) or log(*args, **kwargs))
-    trainer(bar, limit_val_batches=0).fit(model(), loader(batches))
+    options = dict(enable_progress_bar=False, callbacks=[]) if bar is None else {}
+    trainer(bar, limit_val_batches=0, **options).fit(model(), loader(batches))
     monkeypatch.setattr(L.LightningModule, "log", log)
     return len(calls)
 
 
-def test_the_timed_bar_reads_the_loss_so_the_module_logs_none_for_it(monkeypatch):
-    """With the module's bar interval at 0, a bar that reads trainer.progress_bar_metrics needs a
-    self.log of the loss per batch; TimedProgressBar, which reads the module, needs none."""
+@pytest.mark.parametrize("bar, logs_per_batch", [
+    (lambda: TimedProgressBar(refresh_interval=0.0), False), (lambda: None, False), (TQDMProgressBar, True)],
+    ids=["TimedProgressBar", "no bar", "TQDMProgressBar"])
+def test_the_module_logs_for_the_bar_only_for_a_bar_that_shows_what_it_logs(bar, logs_per_batch, monkeypatch):
+    """With the module's bar interval at 0, Lightning's bar, which shows
+    trainer.progress_bar_metrics, needs a self.log of the loss per batch; TimedProgressBar, which
+    reads the module, and a fit without a bar need none."""
     monkeypatch.setattr(base, "PROGRESS_BAR_INTERVAL_S", 0.0)
-    timed = [log_calls(monkeypatch, TimedProgressBar(refresh_interval=0.0), batches) for batches in (8, 16)]
-    assert timed[0] == timed[1]
-    lightning = [log_calls(monkeypatch, TQDMProgressBar(), batches) for batches in (8, 16)]
-    assert lightning[1] - lightning[0] >= 8
+    counts = [log_calls(monkeypatch, bar(), batches) for batches in (8, 16)]
+    assert counts[1] - counts[0] == (8 if logs_per_batch else 0)
 
 
 class RecordedMetrics:

@@ -21,7 +21,7 @@ import sys
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.profilers import SimpleProfiler
 from torch import nn
@@ -250,23 +250,26 @@ class RecordProgressBar(Callback):
 
 
 def test_progress_bar_shows_each_step_loss_when_it_refreshes(tmp_path, monkeypatch):
-    """The bar's loss is the last step's whenever the bar is due for an update (here: always)."""
+    """Under a bar that shows trainer.progress_bar_metrics (Lightning's), the bar's loss is the
+    last step's whenever the bar is due for an update (here: always)."""
     monkeypatch.setattr(base, "PROGRESS_BAR_INTERVAL_S", 0.0)
     fit("vae", tmp_path / "every", 1)
     losses = [row["train/loss"] for _, row in sorted(step_rows(csv_rows(tmp_path / "every")).items())]
     recorder = RecordProgressBar()
-    fit("vae", tmp_path / "bar", 50, callbacks=[recorder], logger=False)
+    fit("vae", tmp_path / "bar", 50, callbacks=[recorder, TQDMProgressBar()], logger=False,
+        enable_progress_bar=True)
     assert recorder.values[0] is None
     assert recorder.values[1:] == pytest.approx(losses[:-1], rel=1e-6)
 
 
 def test_progress_bar_loss_is_throttled_but_present(tmp_path, monkeypatch):
-    """With a refresh interval longer than the fit, the bar shows the first step's loss."""
+    """With a refresh interval longer than the fit, Lightning's bar shows the first step's loss."""
     monkeypatch.setattr(base, "PROGRESS_BAR_INTERVAL_S", 3600.0)
     fit("vae", tmp_path / "every", 1)
     first = step_rows(csv_rows(tmp_path / "every"))[0]["train/loss"]
     recorder = RecordProgressBar()
-    fit("vae", tmp_path / "bar", 50, callbacks=[recorder], logger=False)
+    fit("vae", tmp_path / "bar", 50, callbacks=[recorder, TQDMProgressBar()], logger=False,
+        enable_progress_bar=True)
     assert recorder.values[1:] == pytest.approx([first] * (BATCHES - 1), rel=1e-6)
 
 
