@@ -4,11 +4,13 @@ command line's default bar."""
 from __future__ import annotations
 
 import csv
+
 import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress import tqdm_progress
+from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_gen.base as base
@@ -174,8 +176,6 @@ class RecordedMetrics:
 def test_the_timed_bar_shows_each_step_loss_after_the_version(tmp_path):
     """Redrawn after every batch, the bar shows that batch's loss, as the logger wrote it, after
     the logger's version number, as Lightning's bar orders them."""
-    from lightning.pytorch.loggers import CSVLogger
-
     batches = 6
     every = CSVLogger(str(tmp_path / "every"), name="", version="")
     trainer(TimedProgressBar(), limit_val_batches=0, logger=every, log_every_n_steps=1).fit(model(), loader(batches))
