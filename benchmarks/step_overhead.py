@@ -32,7 +32,11 @@ of the work done every tenth of a second, the progress bar's, stopped: ``frozen_
 ``--paired`` runs the plain loop inside the Trainer's fit, one plain step after
 each Trainer step (``PairedPlainSteps``), and compares their total times: on a shared machine,
 whose load changes over seconds, the two sides then see the same load, where alternating whole
-runs gave ratios that moved by 10-25% between runs of the same command.
+runs gave ratios that moved by 10-25% between runs of the same command. Its ``--repeats`` are
+rounds of one fit per row, so the bare module's fit and a family's are seconds apart, and a
+family's additions over the bare module (and, with ``--attribution``, its own work) are read round
+by round, their medians kept: the bare module's overhead alone moved by a third between two runs
+of the same command minutes apart.
 
 ``--size tiny`` shrinks ``throughput.py``'s small networks further (``TINY`` below); ``small`` and
 ``config`` are throughput.py's sizes. ``--json`` writes the rows for a program to read.
@@ -272,28 +276,65 @@ def paired_summary(trainer_times: list[float], plain_times: list[float]) -> dict
                               if plain_times[part]])
 
 
-def measure_paired(name: str, images, labels, args, device) -> dict:
-    """``measure`` with the plain loop interleaved into each fit (``--paired``): the Trainer's
-    overhead is then read within one fit; ``--repeats`` fits, their overheads' median kept."""
-    L.seed_everything(0, verbose=False)
-    model = build_model(name, args.size)
-    twin = copy.deepcopy(model)
-    stripped = copy.deepcopy(model) if args.attribution and name not in BARE else None
-    make_trainer = trainer_maker(name)
-    fits, alone = [], []
-    for _ in range(args.repeats):
-        fits.append(paired_summary(*paired_step_seconds(model, twin, images, labels, args, device, make_trainer)))
-        if stripped is not None:
+class PairedRow:
+    """One row of ``--paired``: its network, the twin the plain loop trains, the copy that runs
+    under Lightning alone (``--attribution``), and the fits so far. ``main`` runs one fit of
+    every row per round (``fit_once``), so that the rows' fits of a round are seconds apart and
+    see the same load; a family's additions over the bare module are then read round by round."""
+
+    def __init__(self, name: str, args) -> None:
+        L.seed_everything(0, verbose=False)
+        self.name = name
+        self.model = build_model(name, args.size)
+        self.twin = copy.deepcopy(self.model)
+        self.stripped = copy.deepcopy(self.model) if args.attribution and name not in BARE else None
+        self.make_trainer = trainer_maker(name)
+        self.fits: list[dict] = []
+        self.alone: list[dict] = []
+
+    def fit_once(self, images, labels, args, device) -> None:
+        self.fits.append(paired_summary(*paired_step_seconds(self.model, self.twin, images, labels, args, device,
+                                                             self.make_trainer)))
+        if self.stripped is not None:
             with without_project_steps():
-                alone.append(paired_summary(*paired_step_seconds(stripped, twin, images, labels, args, device,
-                                                                 lightning_trainer)))
-    chosen = sorted(fits, key=lambda fit: fit["overhead_us"])[len(fits) // 2]
-    row = dict(family=name, parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
-               **chosen, overhead_runs_us=[fit["overhead_us"] for fit in fits])
-    if alone:
-        row["alone_overhead_us"] = statistics.median(fit["overhead_us"] for fit in alone)
-        row["alone_overhead_runs_us"] = [fit["overhead_us"] for fit in alone]
-    return row
+                self.alone.append(paired_summary(*paired_step_seconds(self.stripped, self.twin, images, labels,
+                                                                      args, device, lightning_trainer)))
+
+    def row(self) -> dict:
+        """The fit of median overhead, with every fit's overhead."""
+        chosen = sorted(self.fits, key=lambda fit: fit["overhead_us"])[len(self.fits) // 2]
+        row = dict(family=self.name, parameters=sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+                   **chosen, overhead_runs_us=[fit["overhead_us"] for fit in self.fits])
+        if self.alone:
+            row["alone_overhead_us"] = statistics.median(fit["overhead_us"] for fit in self.alone)
+            row["alone_overhead_runs_us"] = [fit["overhead_us"] for fit in self.alone]
+            # each fit against the Lightning-alone fit right after it
+            row["own_work_runs_us"] = [fit["overhead_us"] - alone["overhead_us"]
+                                       for fit, alone in zip(self.fits, self.alone)]
+            row["own_work_us"] = statistics.median(row["own_work_runs_us"])
+        return row
+
+
+def measure_paired_rounds(names: list[str], images, labels, args, device) -> list[dict]:
+    """``measure`` with the plain loop interleaved into each fit (``--paired``): the Trainer's
+    overhead is read within one fit. ``--repeats`` rounds of one fit per row, the order of the
+    rows reversed every other round (a load that rises or falls through a round then favours no
+    row); each row keeps its median fit. With the bare row, each family's additions are also read
+    per round (its overhead minus the bare module's of the same round) and their median kept:
+    a change of load between rounds then falls on both terms of a difference."""
+    rows = [PairedRow(name, args) for name in names]
+    for round_index in range(args.repeats):
+        for row in rows if round_index % 2 == 0 else reversed(rows):
+            row.fit_once(images, labels, args, device)
+    results = [row.row() for row in rows]
+    bare = next((row for row in results if row["family"] == "bare"), None)
+    if bare is not None:
+        for row in results:
+            if row["family"] != "bare":
+                row["additions_runs_us"] = [own - base for own, base in
+                                            zip(row["overhead_runs_us"], bare["overhead_runs_us"])]
+                row["additions_us"] = statistics.median(row["additions_runs_us"])
+    return results
 
 
 def paired_table(rows: list[dict]) -> str:
@@ -460,7 +501,9 @@ def calls_table(rows: list[dict]) -> str:
 def table(rows: list[dict], bare: dict | None) -> str:
     """The markdown table; with ``--attribution`` two more columns: the family's network under
     Lightning alone (``without_project_steps``) minus the plain loop, and the full Trainer minus
-    that (what the project's per-step work costs this network, measured directly)."""
+    that (what the project's per-step work costs this network, measured directly). Under
+    ``--paired`` the additions and the own work are medians of per-round differences (every
+    round's additions listed, sorted, after the percentage); otherwise differences of medians."""
     attribution = any("alone_overhead_us" in row for row in rows)
     header = ("| family | parameters | plain µs/step | Trainer µs/step | overhead µs | bare Lightning "
               "overhead µs | project additions µs | additions / bare | Lightning / plain speed |")
@@ -469,15 +512,17 @@ def table(rows: list[dict], bare: dict | None) -> str:
     lines = [header, "|---" * header.count(" | ") + "|---|"]
     for row in rows:
         if bare is not None and row["family"] != "bare":
-            additions = row["overhead_us"] - bare["overhead_us"]
+            additions = row.get("additions_us", row["overhead_us"] - bare["overhead_us"])
             extra = f"{bare['overhead_us']:.0f} | {additions:.0f} | {100 * additions / bare['overhead_us']:.0f}%"
+            if "additions_runs_us" in row:
+                extra += f" ({', '.join(f'{value:.0f}' for value in sorted(row['additions_runs_us']))})"
         else:
             extra = "- | - | -"
         line = (f"| {row['family']} | {row['parameters'] / 1e6:.3f} M | {row['plain_us']:.0f} "
                 f"| {row['trainer_us']:.0f} | {row['overhead_us']:.0f} | {extra} | {row['ratio']:.3f} |")
         if attribution:
-            line += (f" {row['alone_overhead_us']:.0f} | {row['overhead_us'] - row['alone_overhead_us']:.0f} |"
-                     if "alone_overhead_us" in row else " - | - |")
+            own = row.get("own_work_us", row["overhead_us"] - row.get("alone_overhead_us", 0.0))
+            line += (f" {row['alone_overhead_us']:.0f} | {own:.0f} |" if "alone_overhead_us" in row else " - | - |")
         lines.append(line)
     return "\n".join(lines) + "\n"
 
@@ -532,27 +577,31 @@ def main() -> None:
         if args.json is not None:
             args.json.write_text(json.dumps(dict(rows=rows), indent=1))
         return
-    rows, bare = [], None
     started = time.time()
-    for name in names:
-        row = (measure_paired if args.paired else measure)(name, images, labels, args, device)
-        if name == "bare":
-            bare = row
-        rows.append(row)
-        if args.paired:
-            print(f"{name}: plain {row['plain_us']:.0f} µs, Trainer {row['trainer_us']:.0f} µs, overhead "
+    if args.paired:
+        rows = measure_paired_rounds(names, images, labels, args, device)
+        for row in rows:
+            print(f"{row['family']}: plain {row['plain_us']:.0f} µs, Trainer {row['trainer_us']:.0f} µs, overhead "
                   f"{row['overhead_us']:.0f} µs (fits: {[round(t) for t in row['overhead_runs_us']]}"
                   + (f", Lightning alone {[round(t) for t in row['alone_overhead_runs_us']]}"
                      if "alone_overhead_us" in row else "")
+                  + (f", additions per round {[round(t) for t in row['additions_runs_us']]}"
+                     if "additions_runs_us" in row else "")
                   + f"), ratio {row['ratio']:.3f} (thirds {[round(r, 3) for r in row['third_ratios']]})", flush=True)
-        else:
+    else:
+        rows = []
+        for name in names:
+            row = measure(name, images, labels, args, device)
+            rows.append(row)
             print(f"{name}: plain {row['plain_us']:.0f} µs, Trainer {row['trainer_us']:.0f} µs, overhead "
                   f"{row['overhead_us']:.0f} µs (runs: Trainer {[round(t) for t in row['trainer_runs_us']]}, "
                   f"plain {[round(t) for t in row['plain_runs_us']]}"
                   + (f", Lightning alone {[round(t) for t in row['stripped_runs_us']]}" if "stripped_us" in row else "")
                   + ")", flush=True)
+    bare = next((row for row in rows if row["family"] == "bare"), None)
     load = os.getloadavg()
-    design = (f"Trainer and plain loop interleaved step by step in each fit, median overhead of {args.repeats} fits"
+    design = (f"Trainer and plain loop interleaved step by step in each fit, {args.repeats} rounds of one fit "
+              f"per row, median overhead (and additions over the bare row, round by round) kept"
               if args.paired else f"median of {args.repeats} alternating Trainer/plain runs")
     header = (f"\n{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.machine()} CPU, "
               f"{torch.get_num_threads()} thread(s), size {args.size}, batch {args.batch_size}, "

@@ -108,11 +108,12 @@ def test_step_overhead_script_measures_every_family(tmp_path, mnist_root):
 
 def test_paired_mode_reads_the_overhead_within_each_fit(tmp_path, mnist_root):
     """--paired --attribution: every row, the Lightning-alone column for the families, the second
-    table with a speed ratio per third of the steps."""
+    table with a speed ratio per third of the steps; the additions over the bare row and the own
+    work read round by round, their medians in the table."""
     output = tmp_path / "rows.json"
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "step_overhead.py"), "--paired", "--attribution", "--size", "tiny",
-         "--batch-size", "2", "--steps", "6", "--warmup-steps", "2", "--repeats", "1", "--threads", "1",
+         "--batch-size", "2", "--steps", "6", "--warmup-steps", "2", "--repeats", "3", "--threads", "1",
          "--families", "autoencoder", "gan", "--json", str(output)],
         capture_output=True, text=True, timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -124,6 +125,18 @@ def test_paired_mode_reads_the_overhead_within_each_fit(tmp_path, mnist_root):
         assert row["overhead_us"] == pytest.approx(row["trainer_us"] - row["plain_us"])
         assert len(row["third_ratios"]) == 3 and all(ratio > 0 for ratio in row["third_ratios"])
         assert ("alone_overhead_us" in row) == (row["family"] in ("autoencoder", "gan"))
+        assert len(row["overhead_runs_us"]) == 3
+    bare = rows[0]["overhead_runs_us"]
+    for row in rows[1:]:
+        assert row["additions_runs_us"] == pytest.approx([own - base for own, base in zip(row["overhead_runs_us"], bare)])
+        assert row["additions_us"] == pytest.approx(statistics.median(row["additions_runs_us"]))
+        if "alone_overhead_us" in row:
+            assert row["own_work_runs_us"] == pytest.approx(
+                [own - alone for own, alone in zip(row["overhead_runs_us"], row["alone_overhead_runs_us"])])
+            assert row["own_work_us"] == pytest.approx(statistics.median(row["own_work_runs_us"]))
+    gan_line = next(line for line in result.stdout.splitlines() if line.startswith("| gan | "))
+    gan = rows[-1]
+    assert f"| {gan['additions_us']:.0f} | " in gan_line and f"| {gan['own_work_us']:.0f} |" in gan_line
     assert "Lightning alone, this network" in result.stdout and "in each third of the steps" in result.stdout
 
 
