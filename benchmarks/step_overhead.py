@@ -13,7 +13,10 @@ with the project's AdamW and no logging, under the same Trainer. Its overhead is
 itself costs per step; a family's ``overhead - bare overhead`` is what the project adds (its
 logging, hooks, EMA update, the GAN's manual optimization, callbacks). A second bare row,
 ``bare+log``, logs its loss to the progress bar and logger (one ``self.log``): the least a user
-sees.
+sees. ``bare+ballast`` (``BallastModule``) is the bare module with the tiny diffusion network's
+forward and backward added to its loss on both sides: the same Lightning work, call for call, after
+a heavier step. The same Python work takes longer then (colder caches), so the families' larger
+networks cost Lightning more than one Linear layer does without any work of the project's.
 
 Two uses:
 
@@ -89,8 +92,9 @@ TINY = {
 }
 # The reference rows: a bare LightningModule, (1) as it is, (2) logging its loss to the progress
 # bar and logger, (3) under the CLI's Trainer (with the project's callbacks), (4) with manual
-# optimization of two optimizers, as the GAN steps (the Lightning machinery the GAN needs).
-BARE = ("bare", "bare+log", "bare+callbacks", "bare+manual")
+# optimization of two optimizers, as the GAN steps (the Lightning machinery the GAN needs),
+# (5) with the tiny diffusion U-Net's forward and backward as ballast on both sides (BallastModule).
+BARE = ("bare", "bare+log", "bare+callbacks", "bare+manual", "bare+ballast")
 
 
 class BareModule(L.LightningModule):
@@ -114,6 +118,27 @@ class BareModule(L.LightningModule):
 
     def configure_optimizers(self):
         return adamw(self.parameters(), lr=1e-3)
+
+
+class BallastModule(BareModule):
+    """The bare module whose loss also runs the tiny diffusion network's training loss forward
+    and backward (its gradients dropped, its weights never stepped), in the Trainer and the plain
+    loop alike: Lightning's work per step is the bare module's, call for call, next to a step as
+    heavy as the tiny diffusion model's. Its overhead is what that same Lightning work costs after
+    such a step (colder caches), the reference for the families' larger networks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ballast = build("diffusion", "small", TINY["diffusion"])
+
+    def loss(self, batch, batch_idx: int, stage: str):
+        self.ballast.loss(batch, batch_idx, stage)[0].backward()
+        for parameter in self.ballast.parameters():
+            parameter.grad = None
+        return super().loss(batch, batch_idx, stage)
+
+    def configure_optimizers(self):
+        return adamw(self.linear.parameters(), lr=1e-3)
 
 
 class BareManualModule(L.LightningModule):
@@ -160,6 +185,8 @@ class BareManualModule(L.LightningModule):
 def build_model(name: str, size: str) -> L.LightningModule:
     if name == "bare+manual":
         return BareManualModule()
+    if name == "bare+ballast":
+        return BallastModule()
     if name in BARE:
         return BareModule(log_loss=name == "bare+log")
     if size == "tiny":
