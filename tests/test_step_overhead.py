@@ -128,7 +128,8 @@ def test_paired_mode_reads_the_overhead_within_each_fit(tmp_path, mnist_root):
         assert len(row["overhead_runs_us"]) == 3
     bare = rows[0]["overhead_runs_us"]
     for row in rows[1:]:
-        assert row["additions_runs_us"] == pytest.approx([own - base for own, base in zip(row["overhead_runs_us"], bare)])
+        per_round = [own - base for own, base in zip(row["overhead_runs_us"], bare)]
+        assert row["additions_runs_us"] == pytest.approx(per_round)
         assert row["additions_us"] == pytest.approx(statistics.median(row["additions_runs_us"]))
         if "alone_overhead_us" in row:
             assert row["own_work_runs_us"] == pytest.approx(
