@@ -547,9 +547,11 @@ def table(rows: list[dict], bare: dict | None) -> str:
             extra = "- | - | -"
         line = (f"| {row['family']} | {row['parameters'] / 1e6:.3f} M | {row['plain_us']:.0f} "
                 f"| {row['trainer_us']:.0f} | {row['overhead_us']:.0f} | {extra} | {row['ratio']:.3f} |")
-        if attribution:
-            own = row.get("own_work_us", row["overhead_us"] - row.get("alone_overhead_us", 0.0))
-            line += (f" {row['alone_overhead_us']:.0f} | {own:.0f} |" if "alone_overhead_us" in row else " - | - |")
+        if attribution and "alone_overhead_us" in row:
+            own = row.get("own_work_us", row["overhead_us"] - row["alone_overhead_us"])
+            line += f" {row['alone_overhead_us']:.0f} | {own:.0f} |"
+        elif attribution:
+            line += " - | - |"
         lines.append(line)
     return "\n".join(lines) + "\n"
 
