@@ -16,8 +16,10 @@ On one H100/H200-class GPU it is meant to finish in under 10 minutes and writes
    MNIST, with FID of --fid-samples samples (MNIST feature network; trained first when
    ``checkpoints/mnist_features/last.ckpt`` is missing) and the test NLL where the family has one.
 
-It fails loudly: any measurement that raises stops the run with a non-zero status and the
-results so far are written with the error; a missing diffusers is an error unless
+It fails loudly: a measurement that raises leaves a row with its traceback, the others still run
+(a lent GPU may be there for one run only), and the run ends with a non-zero status naming how
+many failed; the JSON and the table are rewritten after every row, so a run stopped from outside
+keeps what it measured. A missing diffusers is an error before anything runs, unless
 ``--skip-diffusers`` says to leave part 3 out.
 
     python benchmarks/gpu_check.py                                   # on the GPU machine
@@ -37,6 +39,7 @@ import platform
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -66,60 +69,60 @@ def throughput_args(args, precision: str, batch_size: int, compile_: bool = Fals
                               channels_last=False)
 
 
-def training_throughput(args, device, images, labels) -> list[dict]:
-    rows = []
+Measurement = tuple[dict, Callable[[], dict]]  # the row's key, and what measures the rest of it
+
+
+def training_throughput(args, device, images, labels) -> list[Measurement]:
     accelerator = device.type if device.type != "cuda" else "gpu"
     cli_options = argparse.Namespace(batch_size=args.batch_size, steps=args.steps, warmup_steps=args.warmup_steps,
                                      log_every_n_steps=50)
-    for family in throughput.FAMILIES:
-        for precision in ("32-true", "bf16-mixed"):
-            L.seed_everything(0, verbose=False)
-            model = throughput.build(family, "small" if args.tiny else "config")
-            twin, cli_model = copy.deepcopy(model), copy.deepcopy(model)
-            options = throughput_args(args, precision, args.batch_size)
-            lightning = throughput.lightning_throughput(model, images, labels, options, device)
-            plain = throughput.plain_throughput(twin, images, labels, options, device)
-            cli_seconds = step_overhead.trainer_step_seconds(
-                cli_model, images, labels, cli_options, device,
-                functools.partial(step_overhead.cli_trainer, accelerator=accelerator, precision=precision))
-            rows.append({"family": family, "precision": precision, "lightning_images_per_s": lightning,
-                         "plain_images_per_s": plain, "ratio": lightning / plain,
-                         "cli_trainer_images_per_s": args.batch_size / cli_seconds,
-                         "cli_ratio": args.batch_size / cli_seconds / plain})
-            print(rows[-1], flush=True)
-    return rows
+
+    def measure(family: str, precision: str) -> dict:
+        L.seed_everything(0, verbose=False)
+        model = throughput.build(family, "small" if args.tiny else "config")
+        twin, cli_model = copy.deepcopy(model), copy.deepcopy(model)
+        options = throughput_args(args, precision, args.batch_size)
+        lightning = throughput.lightning_throughput(model, images, labels, options, device)
+        plain = throughput.plain_throughput(twin, images, labels, options, device)
+        cli_seconds = step_overhead.trainer_step_seconds(
+            cli_model, images, labels, cli_options, device,
+            functools.partial(step_overhead.cli_trainer, accelerator=accelerator, precision=precision))
+        return {"lightning_images_per_s": lightning, "plain_images_per_s": plain, "ratio": lightning / plain,
+                "cli_trainer_images_per_s": args.batch_size / cli_seconds,
+                "cli_ratio": args.batch_size / cli_seconds / plain}
+
+    return [({"family": family, "precision": precision}, functools.partial(measure, family, precision))
+            for family in throughput.FAMILIES for precision in ("32-true", "bf16-mixed")]
 
 
-def compile_comparison(args, device, images, labels) -> list[dict]:
-    rows = []
-    for compile_ in (False, True):
+def compile_comparison(args, device, images, labels) -> list[Measurement]:
+    precision = "bf16-mixed" if device.type == "cuda" else "32-true"
+
+    def measure(compile_: bool) -> dict:
         L.seed_everything(0, verbose=False)
         model = throughput.build("diffusion", "small" if args.tiny else "config")
-        options = throughput_args(args, "bf16-mixed" if device.type == "cuda" else "32-true",
-                                  args.batch_size, compile_)
-        rate = throughput.lightning_throughput(model, images, labels, options, device)
-        rows.append({"compile": compile_, "backend": args.compile_backend if compile_ else "-",
-                     "precision": options.precision, "lightning_images_per_s": rate})
-        print(rows[-1], flush=True)
-    return rows
+        options = throughput_args(args, precision, args.batch_size, compile_)
+        return {"lightning_images_per_s": throughput.lightning_throughput(model, images, labels, options, device)}
+
+    return [({"compile": compile_, "backend": args.compile_backend if compile_ else "-", "precision": precision},
+             functools.partial(measure, compile_)) for compile_ in (False, True)]
 
 
-def diffusers_comparison(args, device) -> list[dict]:
+def diffusers_comparison(args, device) -> list[Measurement]:
     import diffusion as diffusion_benchmark
 
     options = argparse.Namespace(
         device=str(device), image_size=32, bf16=False, channels_last=False, compile=False,
         compile_mode="default", warmup_steps=args.warmup_steps, train_steps=args.steps,
         sample_runs=1, sampling_steps=2 if args.tiny else 50)
-    rows = []
-    for batch_size in ((4,) if args.tiny else (128, 512)):
+    models = {"ours": diffusion_benchmark.ours, "diffusers UNet2DModel": diffusion_benchmark.diffusers_model}
+
+    def measure(name: str, batch_size: int) -> dict:
         torch.manual_seed(0)
-        rows.append(diffusion_benchmark.measure("ours", *diffusion_benchmark.ours(options, False),
-                                                options, batch_size))
-        rows.append(diffusion_benchmark.measure("diffusers UNet2DModel",
-                                                *diffusion_benchmark.diffusers_model(options, False),
-                                                options, batch_size))
-    return rows
+        return diffusion_benchmark.measure(name, *models[name](options, False), options, batch_size)
+
+    return [({"model": name, "batch": batch_size}, functools.partial(measure, name, batch_size))
+            for batch_size in ((4,) if args.tiny else (128, 512)) for name in models]
 
 
 def feature_network_path(args, device) -> str:
@@ -141,15 +144,18 @@ def feature_network_path(args, device) -> str:
     return path
 
 
-def short_fits(args, device) -> list[dict]:
+def short_fits(args, device) -> list[Measurement]:
     import yaml
 
     from lightning_gen.metrics import extract_features, fid_kid_from_features, load_feature_network, real_features
 
-    features = feature_network_path(args, device)
-    network = load_feature_network(features).to(device)
-    rows = []
-    for family in FIT_FAMILIES:
+    @functools.cache  # trained (when missing) and loaded once, for the first fit that needs it
+    def feature_network():
+        path = feature_network_path(args, device)
+        return path, load_feature_network(path).to(device)
+
+    def measure(family: str) -> dict:
+        features, network = feature_network()
         L.seed_everything(0, verbose=False)
         model = throughput.build(family, "small" if args.tiny else "config")
         config = yaml.safe_load((REPO / "configs" / throughput.FAMILIES[family][0]).read_text())
@@ -172,46 +178,97 @@ def short_fits(args, device) -> list[dict]:
         fake = torch.cat([extract_features(network, model.sample(min(500, args.fid_samples - done), **options).clamp(0, 1))
                           for done in range(0, args.fid_samples, 500)])
         fid, _ = fid_kid_from_features(real.cpu(), fake.cpu(), kid_subset_size=min(1000, args.fid_samples))
-        row = {"family": family, "steps": trainer.global_step, "seconds": seconds, "fid": float(fid),
-               "fid_samples": args.fid_samples}
+        row = {"steps": trainer.global_step, "seconds": seconds, "fid": float(fid), "fid_samples": args.fid_samples}
         x, y = test_images[:256].to(device), None
         with torch.no_grad():
             if family == "vae":
                 row["test_nll_nats"] = model.log_prob(x, num_samples=16 if args.tiny else 100).mean().item()
             elif family == "diffusion":
                 row["test_nll_nats"] = model.variational_bound(x, y, timesteps=4 if args.tiny else 64).mean().item()
-        rows.append(row)
-        print(row, flush=True)
-    return rows
+        return row
+
+    return [({"family": family}, functools.partial(measure, family)) for family in FIT_FAMILIES]
+
+
+def run_parts(parts: dict[str, Callable[[], list[Measurement]]], results: dict, save: Callable[[dict], None],
+              deadline: float | None = None) -> int:
+    """Runs every measurement of every part, in order, into ``results[part]``; returns how many
+    failed. A measurement that raises leaves a row with its traceback under "error" and the rest
+    still run (one lent GPU may be all there is: a break in one family must not cost the others'
+    figures); past ``deadline`` (``time.perf_counter()``) the rest are rows that say so. The
+    results are saved after every row, so a run killed from outside keeps what it measured."""
+    failures = 0
+    for name, make_measurements in parts.items():
+        rows = results.setdefault(name, [])
+        started = time.perf_counter()
+        try:
+            measurements = make_measurements()
+        except Exception:  # the part could not even set up: one row says why
+            measurements = [({}, functools.partial(_raise, RuntimeError(traceback.format_exc())))]
+        for key, measure in measurements:
+            if deadline is not None and time.perf_counter() > deadline:
+                row = {**key, "error": "not measured: the run reached --time-limit"}
+            else:
+                try:
+                    row = {**key, **measure()}
+                except Exception:
+                    row = {**key, "error": traceback.format_exc()}
+            rows.append(row)
+            results[f"{name}_seconds"] = time.perf_counter() - started
+            if "error" in row:
+                failures += 1
+                print(f"FAILED {name} {key}:\n{row['error']}", file=sys.stderr, flush=True)
+            else:
+                print(f"{name} {row}", flush=True)
+            save(results)
+    return failures
+
+
+def _raise(error: Exception) -> dict:
+    raise error
+
+
+def failure(row: dict) -> str:
+    return "failed: " + row["error"].strip().splitlines()[-1].replace("|", "/")
 
 
 def markdown(results: dict) -> str:
-    lines = [f"# GPU check ({results['date']}, {results['hardware']}, torch {results['torch']})", "",
-             f"    {results['command']}", ""]
-    if results.get("error"):
-        lines += ["**Failed:** " + results["error"].splitlines()[-1], ""]
+    lines = [f"# GPU check ({results['date']}, {results['hardware']}, torch {results['torch']}, "
+             f"lightning {results['lightning']})", "", f"    {results['command']}", "",
+             f"fp32 matrix products: torch.get_float32_matmul_precision() = '{results['float32_matmul_precision']}', "
+             f"cuDNN TF32 {results['cudnn_allow_tf32']} (PyTorch's defaults).", ""]
+    failed = [(part, row) for part in PARTS for row in results.get(part, []) if "error" in row]
+    if failed:
+        lines += [f"**Failed: {len(failed)} measurement(s)**; the rows below say which, the JSON has the tracebacks.", ""]
     if results.get("throughput"):
         lines += ["| family | precision | Lightning img/s | plain img/s | ratio | cli.py's Trainer img/s | ratio |",
                   "|---|---|---:|---:|---:|---:|---:|"]
-        lines += [f"| {r['family']} | {r['precision']} | {r['lightning_images_per_s']:.1f} | "
+        lines += [f"| {r['family']} | {r['precision']} | {failure(r)} | | | | |" if "error" in r else
+                  f"| {r['family']} | {r['precision']} | {r['lightning_images_per_s']:.1f} | "
                   f"{r['plain_images_per_s']:.1f} | {r['ratio']:.3f} | {r['cli_trainer_images_per_s']:.1f} | "
                   f"{r['cli_ratio']:.3f} |" for r in results["throughput"]]
         lines.append("")
     if results.get("compile"):
         lines += ["| diffusion U-Net | backend | precision | Lightning img/s |", "|---|---|---|---:|"]
-        lines += [f"| compile {r['compile']} | {r['backend']} | {r['precision']} | {r['lightning_images_per_s']:.1f} |"
+        lines += [f"| compile {r.get('compile')} | {r.get('backend')} | {r.get('precision')} | "
+                  + (failure(r) if "error" in r else f"{r['lightning_images_per_s']:.1f}") + " |"
                   for r in results["compile"]]
         lines.append("")
     if results.get("diffusers"):
         lines += ["| model | parameters | batch | train img/s | DDIM sampling img/s |", "|---|---:|---:|---:|---:|"]
-        lines += [f"| {r['model']} | {r['parameters']:,} | {r['batch']} | {r['train']:.1f} | {r['sample']:.2f} |"
+        lines += [f"| {r.get('model')} | | {r.get('batch')} | {failure(r)} | |" if "error" in r else
+                  f"| {r['model']} | {r['parameters']:,} | {r['batch']} | {r['train']:.1f} | {r['sample']:.2f} |"
                   for r in results["diffusers"]]
         lines.append("")
     if results.get("fits"):
         lines += ["| family | steps | seconds | FID | test NLL (nats) |", "|---|---:|---:|---:|---:|"]
-        lines += [f"| {r['family']} | {r['steps']} | {r['seconds']:.0f} | {r['fid']:.2f} | "
+        lines += [f"| {r.get('family')} | {failure(r)} | | | |" if "error" in r else
+                  f"| {r['family']} | {r['steps']} | {r['seconds']:.0f} | {r['fid']:.2f} | "
                   f"{r.get('test_nll_nats', float('nan')):.2f} |" for r in results["fits"]]
     return "\n".join(lines) + "\n"
+
+
+PARTS = ("throughput", "compile", "diffusers", "fits")
 
 
 def main() -> None:
@@ -227,8 +284,12 @@ def main() -> None:
     parser.add_argument("--compile-backend", default="inductor", choices=("inductor", "aot_eager"),
                         help="torch.compile backend of part 2; aot_eager skips kernel generation "
                              "(about 100 s of C++ compilation on a 2-core CPU)")
+    parser.add_argument("--time-limit", type=float, default=None,
+                        help="seconds: measurements not started by then are rows that say so (a "
+                             "failure), so a lease that ends keeps the rest of the run's files")
     parser.add_argument("--output-dir", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args()
+    started = time.perf_counter()
     defaults = {"batch_size": (512, 8), "steps": (20, 1), "warmup_steps": (5, 1), "fid_samples": (5000, 20)}
     for name, (full, tiny) in defaults.items():
         if getattr(args, name) is None:
@@ -240,33 +301,32 @@ def main() -> None:
             parser.error("diffusers is not installed: pip install -e '.[bench]', or pass "
                          "--skip-diffusers to leave the comparison out")
     device = torch.device(args.device)
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
     results = {"date": str(datetime.date.today()), "hardware": hardware(device), "torch": torch.__version__,
-               "command": "python benchmarks/gpu_check.py " + " ".join(sys.argv[1:])}
+               "lightning": L.__version__, "command": "python benchmarks/gpu_check.py " + " ".join(sys.argv[1:]),
+               "float32_matmul_precision": torch.get_float32_matmul_precision(),
+               "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32}
+
+    def save(results: dict) -> None:
+        (output / "gpu_check.json").write_text(json.dumps(results, indent=2) + "\n")
+        (output / "gpu_check.md").write_text(markdown(results))
+
     data = MNISTDataModule(download=False)
     data.setup("fit")
     images, labels = data.train_set.images, data.train_set.labels
-    parts = [("throughput", lambda: training_throughput(args, device, images, labels)),
-             ("compile", lambda: compile_comparison(args, device, images, labels))]
+    parts = {"throughput": lambda: training_throughput(args, device, images, labels),
+             "compile": lambda: compile_comparison(args, device, images, labels)}
     if not args.skip_diffusers:
-        parts.append(("diffusers", lambda: diffusers_comparison(args, device)))
-    parts.append(("fits", lambda: short_fits(args, device)))
-    status = 0
-    try:
-        for name, part in parts:
-            started = time.perf_counter()
-            results[name] = part()
-            results[f"{name}_seconds"] = time.perf_counter() - started
-    except Exception:  # written with the results so far, then a non-zero exit
-        results["error"] = traceback.format_exc()
-        status = 1
-    output = Path(args.output_dir)
-    (output / "gpu_check.json").write_text(json.dumps(results, indent=2) + "\n")
-    (output / "gpu_check.md").write_text(markdown(results))
+        parts["diffusers"] = lambda: diffusers_comparison(args, device)
+    parts["fits"] = lambda: short_fits(args, device)
+    deadline = None if args.time_limit is None else started + args.time_limit
+    failures = run_parts(parts, results, save, deadline)
+    results["seconds"] = time.perf_counter() - started
+    save(results)
     print(markdown(results))
-    if status:
-        print(results["error"], file=sys.stderr)
-    sys.exit(status)
+    if failures:
+        sys.exit(f"gpu_check: {failures} measurement(s) failed; their rows in {output / 'gpu_check.md'} say which")
 
 
 if __name__ == "__main__":

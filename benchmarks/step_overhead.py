@@ -231,13 +231,13 @@ def trainer_maker(name: str):
 def trainer_step_seconds(model, images, labels, args, device, make_trainer=cli_trainer) -> float:
     """Seconds per step of ``model`` under ``make_trainer``'s Trainer (default the CLI's), over
     ``args.steps`` steps after ``args.warmup_steps``."""
-    timer = StepTimer(args.warmup_steps)
+    timer = StepTimer(args.warmup_steps, args.warmup_steps + args.steps)
     with tempfile.TemporaryDirectory() as root, open(os.devnull, "w") as null, \
             contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
         trainer = make_trainer(Path(root), args.warmup_steps + args.steps, args.log_every_n_steps)
         trainer.callbacks.insert(0, timer)
         trainer.fit(model, train_dataloaders=device_batches(images, labels, args.batch_size, device))
-    return (timer.end - timer.start) / timer.timed_batches
+    return timer.seconds() / timer.timed_batches
 
 
 def plain_step_seconds(model, images, labels, args, device) -> float:

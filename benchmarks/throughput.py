@@ -94,20 +94,33 @@ def synchronize(device: torch.device) -> None:
 
 
 class StepTimer(L.Callback):
-    """Wall time from the end of the warm-up steps to the end of the last training step."""
+    """Wall time from the end of the warm-up steps to the end of the last of ``batches`` training
+    steps. It waits for the device only at those two points, as the plain loop does: waiting after
+    every step would stop the host from queueing the next step while the GPU runs this one, and
+    charge the Trainer for a stall the plain loop does not have."""
 
-    def __init__(self, warmup_batches: int) -> None:
-        self.warmup_batches = warmup_batches
+    def __init__(self, warmup_batches: int, batches: int) -> None:
+        if batches <= warmup_batches:
+            raise ValueError(f"StepTimer needs more batches ({batches}) than warm-up batches ({warmup_batches})")
+        self.warmup_batches, self.batches = warmup_batches, batches
         self.start = self.end = None
         self.timed_batches = 0
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        synchronize(module.device)
         if batch_idx + 1 == self.warmup_batches:
+            synchronize(module.device)
             self.start = time.perf_counter()
         elif batch_idx + 1 > self.warmup_batches:
-            self.end = time.perf_counter()
             self.timed_batches += 1
+            if batch_idx + 1 == self.batches:
+                synchronize(module.device)
+                self.end = time.perf_counter()
+
+    def seconds(self) -> float:
+        if self.end is None or self.timed_batches != self.batches - self.warmup_batches:
+            raise RuntimeError(f"the fit ran {self.warmup_batches + self.timed_batches} of the "
+                               f"{self.batches} batches StepTimer was to time")
+        return self.end - self.start
 
 
 def device_batches(images, labels, batch_size, device) -> DeviceBatches:
@@ -116,8 +129,8 @@ def device_batches(images, labels, batch_size, device) -> DeviceBatches:
 
 
 def lightning_throughput(model, images, labels, args, device) -> float:
-    timer = StepTimer(args.warmup_steps)
     batches = args.warmup_steps + args.steps
+    timer = StepTimer(args.warmup_steps, batches)
     # The GAN counts an optimizer step per network: max_steps bounds optimizer steps, so bound
     # the batches with limit_train_batches instead.
     trainer = L.Trainer(accelerator=device.type if device.type != "cuda" else "gpu", devices=1,
@@ -127,7 +140,7 @@ def lightning_throughput(model, images, labels, args, device) -> float:
                         precision=args.precision)
     loader = device_batches(images, labels, args.batch_size, device)
     trainer.fit(model, train_dataloaders=loader)
-    return timer.timed_batches * args.batch_size / (timer.end - timer.start)
+    return timer.timed_batches * args.batch_size / timer.seconds()
 
 
 def speed_options(args) -> SpeedOptions:

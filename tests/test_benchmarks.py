@@ -111,7 +111,7 @@ def test_gpu_check_runs_every_part_at_a_tiny_size(tmp_path, mnist_root):
         env=environment, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert "error" not in results
+    assert not [row for part in ("throughput", "compile", "fits") for row in results[part] if "error" in row]
     measured = {(row["family"], row["precision"]) for row in results["throughput"]}
     assert measured == {(family, precision) for family in
                         ("autoencoder", "vae", "gan", "pixelcnn", "pixeltransformer", "realnvp", "diffusion",
@@ -124,6 +124,63 @@ def test_gpu_check_runs_every_part_at_a_tiny_size(tmp_path, mnist_root):
     assert all(math.isfinite(row["test_nll_nats"]) for row in results["fits"] if row["family"] != "gan")
     table = (tmp_path / "gpu_check.md").read_text()
     assert "| flow_matching | bf16-mixed |" in table and "cli.py's Trainer img/s" in table
+
+
+def load_gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_keeps_measuring_after_a_failure_and_saves_every_row():
+    """One broken measurement leaves a row with its traceback and costs no other figure; a part
+    that cannot set up leaves one such row; the results are saved after every row; past the
+    deadline the rest are rows that say so."""
+    gpu_check = load_gpu_check()
+
+    def broken():
+        raise ValueError("the bf16 kernel is missing")
+
+    def no_setup():
+        raise ImportError("no module named diffusers")
+
+    parts = {"throughput": lambda: [({"family": "vae"}, lambda: {"ratio": 0.9}),
+                                    ({"family": "gan"}, broken),
+                                    ({"family": "diffusion"}, lambda: {"ratio": 0.8})],
+             "diffusers": no_setup,
+             "fits": lambda: [({"family": "vae"}, lambda: {"fid": 12.0})]}
+    results, saved = {}, []
+    failures = gpu_check.run_parts(parts, results, lambda r: saved.append(json.loads(json.dumps(r))))
+    assert failures == 2
+    assert [row.get("ratio") for row in results["throughput"]] == [0.9, None, 0.8]
+    assert results["throughput"][1]["family"] == "gan"
+    assert "ValueError: the bf16 kernel is missing" in results["throughput"][1]["error"]
+    assert len(results["diffusers"]) == 1 and "no module named diffusers" in results["diffusers"][0]["error"]
+    assert results["fits"] == [{"family": "vae", "fid": 12.0}]
+    assert [len(state.get("throughput", [])) for state in saved] == [1, 2, 3, 3, 3]
+
+    results = {}
+    failures = gpu_check.run_parts(parts, results, lambda r: None, deadline=0.0)
+    assert failures == 5 and all(row["error"] == "not measured: the run reached --time-limit"
+                                 for part in ("throughput", "fits") for row in results[part])
+
+
+def test_gpu_check_exits_non_zero_with_the_failed_rows_in_its_table(tmp_path, mnist_root):
+    """Past --time-limit nothing more is measured: every row says so, in the JSON and the
+    table, and the command fails naming how many."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--tiny", "--device", "cpu",
+         "--skip-diffusers", "--time-limit", "0", "--output-dir", str(tmp_path)],
+        env={**os.environ, "PYTHONPATH": str(REPO), "LIGHTNING_GEN_DATA": str(mnist_root)},
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "gpu_check: 21 measurement(s) failed" in result.stderr  # 16 throughput, 2 compile, 3 fits
+    results = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert sum(len(results[part]) for part in ("throughput", "compile", "fits")) == 21
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert "**Failed: 21 measurement(s)**" in table
+    assert "| realnvp | bf16-mixed | failed: not measured: the run reached --time-limit |" in table
 
 
 def test_rgb_fits_script_fits_and_predicts_through_the_command_line(tmp_path):
