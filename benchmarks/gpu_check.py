@@ -36,6 +36,7 @@ import functools
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 import traceback
@@ -80,19 +81,27 @@ def training_throughput(args, device, images, labels) -> list[Measurement]:
     def measure(family: str, precision: str) -> dict:
         L.seed_everything(0, verbose=False)
         model = throughput.build(family, "small" if args.tiny else "config")
-        twin, cli_model = copy.deepcopy(model), copy.deepcopy(model)
         options = throughput_args(args, precision, args.batch_size)
-        lightning = throughput.lightning_throughput(model, images, labels, options, device)
-        plain = throughput.plain_throughput(twin, images, labels, options, device)
-        cli_seconds = step_overhead.trainer_step_seconds(
-            cli_model, images, labels, cli_options, device,
-            functools.partial(step_overhead.cli_trainer, accelerator=accelerator, precision=precision))
-        return {"lightning_images_per_s": lightning, "plain_images_per_s": plain, "ratio": lightning / plain,
-                "cli_trainer_images_per_s": args.batch_size / cli_seconds,
-                "cli_ratio": args.batch_size / cli_seconds / plain}
+        cli_trainer = functools.partial(step_overhead.cli_trainer, accelerator=accelerator, precision=precision)
+        sides = {
+            "lightning": lambda: throughput.lightning_throughput(copy.deepcopy(model), images, labels, options, device),
+            "plain": lambda: throughput.plain_throughput(copy.deepcopy(model), images, labels, options, device),
+            "cli_trainer": lambda: args.batch_size / step_overhead.trainer_step_seconds(
+                copy.deepcopy(model), images, labels, cli_options, device, cli_trainer)}
+        runs = {side: [] for side in sides}
+        for repeat in range(args.repeats):
+            # Reversed every other repeat: a side measured first (clocks rising, caches cold)
+            # is not always the same one.
+            for side in (list(sides) if repeat % 2 == 0 else list(sides)[::-1]):
+                runs[side].append(sides[side]())
+        rates = {side: statistics.median(values) for side, values in runs.items()}
+        return {"lightning_images_per_s": rates["lightning"], "plain_images_per_s": rates["plain"],
+                "ratio": rates["lightning"] / rates["plain"], "cli_trainer_images_per_s": rates["cli_trainer"],
+                "cli_ratio": rates["cli_trainer"] / rates["plain"],
+                **{f"{side}_runs_images_per_s": values for side, values in runs.items()}}
 
     return [({"family": family, "precision": precision}, functools.partial(measure, family, precision))
-            for family in throughput.FAMILIES for precision in ("32-true", "bf16-mixed")]
+            for family in args.families for precision in ("32-true", "bf16-mixed")]
 
 
 def compile_comparison(args, device, images, labels) -> list[Measurement]:
@@ -182,7 +191,8 @@ def short_fits(args, device) -> list[Measurement]:
         x, y = test_images[:256].to(device), None
         with torch.no_grad():
             if family == "vae":
-                row["test_nll_nats"] = model.log_prob(x, num_samples=16 if args.tiny else 100).mean().item()
+                # log_prob is the importance-weighted lower bound on log p(x): its negative bounds the NLL
+                row["test_nll_nats"] = -model.log_prob(x, num_samples=16 if args.tiny else 100).mean().item()
             elif family == "diffusion":
                 row["test_nll_nats"] = model.variational_bound(x, y, timesteps=4 if args.tiny else 64).mean().item()
         return row
@@ -241,6 +251,9 @@ def markdown(results: dict) -> str:
     if failed:
         lines += [f"**Failed: {len(failed)} measurement(s)**; the rows below say which, the JSON has the tracebacks.", ""]
     if results.get("throughput"):
+        if results.get("repeats", 1) > 1:
+            lines += [f"Training images/s: medians of {results['repeats']} runs of each side, the order of the "
+                      "sides reversed every other run (the JSON has every run).", ""]
         lines += ["| family | precision | Lightning img/s | plain img/s | ratio | cli.py's Trainer img/s | ratio |",
                   "|---|---|---:|---:|---:|---:|---:|"]
         lines += [f"| {r['family']} | {r['precision']} | {failure(r)} | | | | |" if "error" in r else
@@ -268,7 +281,7 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-PARTS = ("throughput", "compile", "diffusers", "fits")
+PARTS = ("throughput", "diffusers", "fits", "compile")  # the order they run in
 
 
 def main() -> None:
@@ -287,6 +300,12 @@ def main() -> None:
     parser.add_argument("--time-limit", type=float, default=None,
                         help="seconds: measurements not started by then are rows that say so (a "
                              "failure), so a lease that ends keeps the rest of the run's files")
+    parser.add_argument("--repeats", type=count, default=1,
+                        help="part 1: runs of each side, their order reversed every other run; the table "
+                             "gives medians, the JSON every run")
+    parser.add_argument("--families", nargs="+", default=list(throughput.FAMILIES), choices=list(throughput.FAMILIES),
+                        help="part 1's families (default all)")
+    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS, help="the parts to run (default all)")
     parser.add_argument("--output-dir", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args()
     started = time.perf_counter()
@@ -294,7 +313,7 @@ def main() -> None:
     for name, (full, tiny) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, tiny if args.tiny else full)
-    if not args.skip_diffusers:
+    if not args.skip_diffusers and "diffusers" in args.parts:
         try:  # checked before anything runs: a missing extra must not cost the other parts' time
             import diffusers  # noqa: F401
         except ImportError:
@@ -306,7 +325,7 @@ def main() -> None:
     results = {"date": str(datetime.date.today()), "hardware": hardware(device), "torch": torch.__version__,
                "lightning": L.__version__, "command": "python benchmarks/gpu_check.py " + " ".join(sys.argv[1:]),
                "float32_matmul_precision": torch.get_float32_matmul_precision(),
-               "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32}
+               "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32, "repeats": args.repeats}
 
     def save(results: dict) -> None:
         (output / "gpu_check.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -322,6 +341,7 @@ def main() -> None:
         parts["diffusers"] = lambda: diffusers_comparison(args, device)
     parts["fits"] = lambda: short_fits(args, device)
     parts["compile"] = lambda: compile_comparison(args, device, images, labels)
+    parts = {name: part for name, part in parts.items() if name in args.parts}
     deadline = None if args.time_limit is None else started + args.time_limit
     failures = run_parts(parts, results, save, deadline)
     results["seconds"] = time.perf_counter() - started

@@ -121,7 +121,8 @@ def test_gpu_check_runs_every_part_at_a_tiny_size(tmp_path, mnist_root):
     assert [(row["compile"], row["backend"]) for row in results["compile"]] == [(False, "-"), (True, "aot_eager")]
     assert [row["family"] for row in results["fits"]] == ["vae", "gan", "diffusion"]
     assert all(row["steps"] > 0 and math.isfinite(row["fid"]) for row in results["fits"])
-    assert all(math.isfinite(row["test_nll_nats"]) for row in results["fits"] if row["family"] != "gan")
+    assert all(math.isfinite(row["test_nll_nats"]) and row["test_nll_nats"] > 0  # a bound on -log p
+               for row in results["fits"] if row["family"] != "gan")
     table = (tmp_path / "gpu_check.md").read_text()
     assert "| flow_matching | bf16-mixed |" in table and "cli.py's Trainer img/s" in table
 
@@ -181,6 +182,28 @@ def test_gpu_check_exits_non_zero_with_the_failed_rows_in_its_table(tmp_path, mn
     table = (tmp_path / "gpu_check.md").read_text()
     assert "**Failed: 21 measurement(s)**" in table
     assert "| realnvp | bf16-mixed | failed: not measured: the run reached --time-limit |" in table
+
+
+def test_gpu_check_repeats_the_chosen_part_and_families_with_the_order_reversed(tmp_path, mnist_root):
+    """--parts, --families and --repeats: only the throughput of the named family, each side run
+    --repeats times, the median in the table and every run in the JSON."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--tiny", "--device", "cpu",
+         "--parts", "throughput", "--families", "autoencoder", "--repeats", "3", "--output-dir", str(tmp_path)],
+        env={**os.environ, "PYTHONPATH": str(REPO), "LIGHTNING_GEN_DATA": str(mnist_root), "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert not {"diffusers", "fits", "compile"} & set(results)
+    assert [(row["family"], row["precision"]) for row in results["throughput"]] == [
+        ("autoencoder", "32-true"), ("autoencoder", "bf16-mixed")]
+    for row in results["throughput"]:
+        for side in ("lightning", "plain", "cli_trainer"):
+            runs = row[f"{side}_runs_images_per_s"]
+            assert len(runs) == 3 and all(rate > 0 for rate in runs)
+            assert row[f"{side}_images_per_s"] == sorted(runs)[1]
+        assert row["ratio"] == row["lightning_images_per_s"] / row["plain_images_per_s"]
+    assert "medians of 3 runs of each side" in (tmp_path / "gpu_check.md").read_text()
 
 
 def test_rgb_fits_script_fits_and_predicts_through_the_command_line(tmp_path):
