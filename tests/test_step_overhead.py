@@ -523,3 +523,33 @@ def test_null_profiler_is_the_clis_default_and_a_named_profiler_is_kept(tmp_path
     assert profiler.profile("a") is profiler.profile("b")
     assert profiler.summary() == ""
 
+
+
+def test_step_timer_waits_for_the_device_only_where_the_plain_loop_does(monkeypatch):
+    """StepTimer synchronizes at the end of the warm-up and after the last timed batch, as the
+    plain loop does (a wait after every step would stall a GPU's queue on the Trainer side only),
+    and refuses to report a time when the fit stopped short of its batches."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import step_overhead
+    import throughput
+
+    waits = []
+    monkeypatch.setattr(throughput, "synchronize", lambda device: waits.append(device))
+    data = DataLoader(TensorDataset(torch.randn(40, 1, 28, 28), torch.zeros(40, dtype=torch.long)), batch_size=4)
+
+    def fit(timer, batches):
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=batches, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            callbacks=[timer])
+        trainer.fit(step_overhead.BareModule(), data)
+
+    timer = throughput.StepTimer(warmup_batches=2, batches=7)
+    fit(timer, 7)
+    assert len(waits) == 2 and timer.timed_batches == 5 and timer.seconds() > 0
+
+    short = throughput.StepTimer(warmup_batches=2, batches=7)
+    fit(short, 5)
+    with pytest.raises(RuntimeError, match="ran 5 of the 7 batches"):
+        short.seconds()
+    with pytest.raises(ValueError, match="more batches"):
+        throughput.StepTimer(warmup_batches=3, batches=3)
