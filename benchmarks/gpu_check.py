@@ -13,8 +13,10 @@ On one H100/H200-class GPU it is meant to finish in under 10 minutes and writes
    DDIM-50 sampling; ``benchmarks/diffusion.py speed``'s measurement); diffusers comes from the
    optional ``bench`` extra (``pip install -e ".[bench]"``);
 4. short fits (--fit-seconds each, 90) of the VAE, the DCGAN and diffusion on device-resident
-   MNIST, with FID of --fid-samples samples (MNIST feature network; trained first when
-   ``checkpoints/mnist_features/last.ckpt`` is missing) and the test NLL where the family has one.
+   MNIST, with FID of --fid-samples samples against the 10,000 test digits (MNIST feature
+   network; trained first when ``checkpoints/mnist_features/last.ckpt`` is missing), its floor
+   (as many training digits; ``mnist_fid_floor`` computes it on any machine) and the test NLL
+   bound on 256 test digits where the family has one.
 
 It fails loudly: a measurement that raises leaves a row with its traceback, the others still run
 (a lent GPU may be there for one run only), and the run ends with a non-zero status naming how
@@ -54,6 +56,7 @@ import step_overhead  # noqa: E402
 import throughput  # noqa: E402
 from arguments import count  # noqa: E402
 from datamodules import MNISTDataModule  # noqa: E402
+from datamodules.mnist import images_to_batch  # noqa: E402
 
 FIT_FAMILIES = ("vae", "gan", "diffusion")
 
@@ -153,18 +156,59 @@ def feature_network_path(args, device) -> str:
     return path
 
 
+def mnist_test_digits() -> torch.Tensor:
+    """The 10,000 MNIST test digits, (N, 1, 28, 28) in [0, 1]."""
+    data = MNISTDataModule(download=False)
+    data.setup("test")
+    return images_to_batch((data.test_set.images, data.test_set.labels))[0]
+
+
+def fid_floor(network, real: torch.Tensor, samples: int) -> float:
+    """FID of ``samples`` training digits against the real features ``real``: what a model that
+    drew the data itself would score (FID is biased upward at finite N)."""
+    from lightning_gen.metrics import extract_features, fid_kid_from_features
+
+    data = MNISTDataModule(download=False)
+    data.setup("fit")
+    training_digits, _ = images_to_batch((data.train_set.images[:samples], data.train_set.labels[:samples]))
+    fid, _ = fid_kid_from_features(real.cpu(), extract_features(network, training_digits).cpu(),
+                                   kid_subset_size=min(1000, samples))
+    return float(fid)
+
+
+def mnist_fid_floor(samples: int, feature_network: str | None = None) -> float:
+    """The FID floor of the fits' table on this machine's CPU: ``samples`` training digits
+    against the 10,000 test digits, through the default MNIST feature network.
+
+        python -c "import sys; sys.path[:0] = ['.', 'benchmarks']; import gpu_check; print(gpu_check.mnist_fid_floor(5000))"
+    """
+    from lightning_gen.callbacks.quality import default_feature_network
+    from lightning_gen.metrics import load_feature_network
+
+    from lightning_gen.metrics import real_features
+
+    path = feature_network or default_feature_network()
+    network = load_feature_network(path)
+    return fid_floor(network, real_features(network, path, mnist_test_digits(), name="MNISTDataModule"), samples)
+
+
 def short_fits(args, device) -> list[Measurement]:
     import yaml
 
     from lightning_gen.metrics import extract_features, fid_kid_from_features, load_feature_network, real_features
 
+    test_digits = mnist_test_digits()
+
     @functools.cache  # trained (when missing) and loaded once, for the first fit that needs it
-    def feature_network():
+    def scoring():
+        """The feature network, the test digits' features and the FID floor at --fid-samples."""
         path = feature_network_path(args, device)
-        return path, load_feature_network(path).to(device)
+        network = load_feature_network(path).to(device)
+        real = real_features(network, path, test_digits, name="MNISTDataModule")
+        return network, real, fid_floor(network, real, args.fid_samples)
 
     def measure(family: str) -> dict:
-        features, network = feature_network()
+        network, real, floor = scoring()
         L.seed_everything(0, verbose=False)
         model = throughput.build(family, "small" if args.tiny else "config")
         config = yaml.safe_load((REPO / "configs" / throughput.FAMILIES[family][0]).read_text())
@@ -179,16 +223,14 @@ def short_fits(args, device) -> list[Measurement]:
         trainer.fit(model, datamodule=data)
         seconds = time.perf_counter() - start
         model = model.to(device).eval()
-        data.setup("test")
-        test_images = torch.cat([batch[0].cpu() for batch in data.test_dataloader()])
-        real = real_features(network, features, test_images[: args.fid_samples * 10], name="MNISTDataModule")
         torch.manual_seed(2)
         options = throughput.FAMILIES[family][2]
         fake = torch.cat([extract_features(network, model.sample(min(500, args.fid_samples - done), **options).clamp(0, 1))
                           for done in range(0, args.fid_samples, 500)])
         fid, _ = fid_kid_from_features(real.cpu(), fake.cpu(), kid_subset_size=min(1000, args.fid_samples))
-        row = {"steps": trainer.global_step, "seconds": seconds, "fid": float(fid), "fid_samples": args.fid_samples}
-        x, y = test_images[:256].to(device), None
+        row = {"steps": trainer.global_step, "seconds": seconds, "fid": float(fid), "fid_samples": args.fid_samples,
+               "fid_floor": floor}
+        x, y = test_digits[:256].to(device), None
         with torch.no_grad():
             if family == "vae":
                 # log_prob is the importance-weighted lower bound on log p(x): its negative bounds the NLL
@@ -274,10 +316,10 @@ def markdown(results: dict) -> str:
                   for r in results["diffusers"]]
         lines.append("")
     if results.get("fits"):
-        lines += ["| family | steps | seconds | FID | test NLL (nats) |", "|---|---:|---:|---:|---:|"]
-        lines += [f"| {r.get('family')} | {failure(r)} | | | |" if "error" in r else
+        lines += ["| family | steps | seconds | FID | FID floor | test NLL (nats) |", "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r.get('family')} | {failure(r)} | | | | |" if "error" in r else
                   f"| {r['family']} | {r['steps']} | {r['seconds']:.0f} | {r['fid']:.2f} | "
-                  f"{r.get('test_nll_nats', float('nan')):.2f} |" for r in results["fits"]]
+                  f"{r['fid_floor']:.2f} | {r.get('test_nll_nats', float('nan')):.2f} |" for r in results["fits"]]
     return "\n".join(lines) + "\n"
 
 

@@ -120,7 +120,9 @@ def test_gpu_check_runs_every_part_at_a_tiny_size(tmp_path, mnist_root):
                and row["cli_trainer_images_per_s"] > 0 for row in results["throughput"])
     assert [(row["compile"], row["backend"]) for row in results["compile"]] == [(False, "-"), (True, "aot_eager")]
     assert [row["family"] for row in results["fits"]] == ["vae", "gan", "diffusion"]
-    assert all(row["steps"] > 0 and math.isfinite(row["fid"]) for row in results["fits"])
+    assert all(row["steps"] > 0 and math.isfinite(row["fid"]) and math.isfinite(row["fid_floor"])
+               for row in results["fits"])
+    assert len({row["fid_floor"] for row in results["fits"]}) == 1  # the data's, computed once
     assert all(math.isfinite(row["test_nll_nats"]) and row["test_nll_nats"] > 0  # a bound on -log p
                for row in results["fits"] if row["family"] != "gan")
     table = (tmp_path / "gpu_check.md").read_text()
