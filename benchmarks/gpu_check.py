@@ -319,7 +319,7 @@ def markdown(results: dict) -> str:
         lines += ["| family | steps | seconds | FID | FID floor | test NLL (nats) |", "|---|---:|---:|---:|---:|---:|"]
         lines += [f"| {r.get('family')} | {failure(r)} | | | | |" if "error" in r else
                   f"| {r['family']} | {r['steps']} | {r['seconds']:.0f} | {r['fid']:.2f} | "
-                  f"{r['fid_floor']:.2f} | {r.get('test_nll_nats', float('nan')):.2f} |" for r in results["fits"]]
+                  f"{r.get('fid_floor', float('nan')):.2f} | {r.get('test_nll_nats', float('nan')):.2f} |" for r in results["fits"]]
     return "\n".join(lines) + "\n"
 
 
