@@ -9,12 +9,16 @@ same code that would sync on CUDA. The optimizer's step is exempt (manual optimi
 inside training_step; its conversions touch the CPU-resident step counters only), and so is the
 first training step: one-time work such as ActNorm's data-dependent initialization may sync once.
 Flow matching's minibatch optimal-transport pairing is exempt too: it is solved on the host.
+A second test guards whole batches under the Trainer ``cli.py fit`` builds (the callbacks, the
+modules' EMA and schedule hooks, Lightning's loop), where the H200 run of benchmarks/gpu_check.py
+showed the Trainer's host time in full for small steps.
 """
 
 from __future__ import annotations
 
 import contextlib
 
+import lightning as L
 import pytest
 import torch
 
@@ -97,6 +101,58 @@ def test_training_step_does_not_sync_with_the_device(name, tmp_path, mnist_root,
     assert len(steps) >= 3  # guarded steps really ran (a GAN step is two optimizer steps)
     with guard.enabled(True), pytest.raises(HostSyncError):
         torch.ones(1).item()  # the guard itself works
+
+
+class GuardBatches(L.Callback):
+    """Turns the guard on at the start of the second training batch and off at the epoch's end:
+    every hook, callback and loop step in between is guarded, not only training_step."""
+
+    def __init__(self, guard: SyncGuard) -> None:
+        self.guard, self.guarded_batches = guard, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx >= 1:
+            self.guard.active = True
+            self.guarded_batches += 1
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.guard.active = False
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_batches_under_the_cli_trainer_do_not_sync_with_the_device(name, tmp_path, mnist_root, monkeypatch):
+    """The Trainer ``cli.py fit`` builds (its callbacks, the modules' EMA and schedule hooks,
+    Lightning's loop between batches), without a progress bar and between logging steps, makes
+    no tensor-to-host conversion from the second batch to the end of the epoch: a GPU keeps its
+    queue full there. (The bar converts at its redraws and the logger at its logging steps, by
+    design.)"""
+    from lightning_gen.cli import main
+
+    family = FAMILIES[name]
+    torch.manual_seed(0)
+    data = make_data(family.data, mnist_root)
+    model = family.build(data.data_shape)
+    trainer = main(["--model", "Autoencoder", "--model.init_args.reconstruction_loss", "mse", "--data", "ToyDataModule",
+                    "--trainer.accelerator", "cpu",
+                    "--trainer.devices", "1", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "6",
+                    "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
+                    "--trainer.log_every_n_steps", "1000", "--trainer.enable_progress_bar", "false",
+                    "--trainer.default_root_dir", str(tmp_path), "--trainer.logger",
+                    "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(tmp_path)],
+                   run=False).trainer
+    guard = SyncGuard(monkeypatch)
+    guarding = GuardBatches(guard)
+    trainer.callbacks.insert(0, guarding)
+    if getattr(model, "coupling", None) == "ot":  # solved on the host by design (see above)
+        pair = flow_matching_module.pair
+
+        def unguarded_pair(*args, **kwargs):
+            with guard.enabled(False):
+                return pair(*args, **kwargs)
+
+        monkeypatch.setattr(flow_matching_module, "pair", unguarded_pair)
+    trainer.fit(model, datamodule=data)
+    assert guarding.guarded_batches == trainer.num_training_batches - 1 >= 3 and not guard.active
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpm_solver++", "heun"])
