@@ -183,9 +183,7 @@ def mnist_fid_floor(samples: int, feature_network: str | None = None) -> float:
         python -c "import sys; sys.path[:0] = ['.', 'benchmarks']; import gpu_check; print(gpu_check.mnist_fid_floor(5000))"
     """
     from lightning_gen.callbacks.quality import default_feature_network
-    from lightning_gen.metrics import load_feature_network
-
-    from lightning_gen.metrics import real_features
+    from lightning_gen.metrics import load_feature_network, real_features
 
     path = feature_network or default_feature_network()
     network = load_feature_network(path)
@@ -256,9 +254,11 @@ def run_parts(parts: dict[str, Callable[[], list[Measurement]]], results: dict, 
         try:
             measurements = make_measurements()
         except Exception:  # the part could not even set up: one row says why
-            measurements = [({}, functools.partial(_raise, RuntimeError(traceback.format_exc())))]
+            measurements = [({"error": traceback.format_exc()}, None)]
         for key, measure in measurements:
-            if deadline is not None and time.perf_counter() > deadline:
+            if measure is None:
+                row = key
+            elif deadline is not None and time.perf_counter() > deadline:
                 row = {**key, "error": "not measured: the run reached --time-limit"}
             else:
                 try:
@@ -274,10 +274,6 @@ def run_parts(parts: dict[str, Callable[[], list[Measurement]]], results: dict, 
                 print(f"{name} {row}", flush=True)
             save(results)
     return failures
-
-
-def _raise(error: Exception) -> dict:
-    raise error
 
 
 def failure(row: dict) -> str:
