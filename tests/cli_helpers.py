@@ -3,6 +3,7 @@ fake data files in a data set's own format for configs whose data cannot be down
 
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 
@@ -13,10 +14,15 @@ from lightning_gen.cli import main
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 
-# Keep CLI tests small and quiet: CSV logs instead of W&B, no progress bars, CPU.
+# The accelerator of the command-line tests: the CPU, or a GPU where one is lent
+# (LIGHTNING_GEN_TEST_ACCELERATOR=gpu), so the configs as written meet the GPU's kernels, mixed
+# precision and fused optimizers, which a CPU run cannot show.
+ACCELERATOR = os.environ.get("LIGHTNING_GEN_TEST_ACCELERATOR", "cpu")
+
+# Keep CLI tests small and quiet: CSV logs instead of W&B, no progress bars, one device.
 # Note: pass batch limits as integers >= 2 ("1" parses as the float 1.0, i.e. 100% of the batches).
 QUICK = ["--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", "logs",
-         "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu", "--trainer.devices", "1"]
+         "--trainer.enable_progress_bar", "false", "--trainer.accelerator", ACCELERATOR, "--trainer.devices", "1"]
 
 
 def run_cli(*args: str, run: bool = True):
