@@ -1,12 +1,14 @@
 """One prepared GPU check: every figure this project wants from a GPU, from one command.
 
-On one H200 it finished in 452 s (2026-12-04, with the fits' 60 s that are now the default) and
-writes ``benchmarks/results/gpu_check.json`` and ``gpu_check.md``:
+On one H200 it finished in 452 s (2026-12-04, with the fits' 60 s that are now the default, and
+before --min-timed-seconds lengthened part 1's shortest runs) and writes
+``benchmarks/results/gpu_check.json`` and ``gpu_check.md``:
 
 1. training images/s of every family (the networks of configs/*_mnist.yaml) at --batch-size
    (512), under a bare Lightning Trainer and in a plain PyTorch loop (``throughput.py``'s two
    sides), and under the Trainer ``cli.py fit`` builds (its callbacks and progress bar, a CSV
-   logger: ``step_overhead.cli_trainer``), in 32-true and bf16-mixed;
+   logger: ``step_overhead.cli_trainer``), in 32-true and bf16-mixed, over --steps timed steps
+   or, where those take under --min-timed-seconds in the plain loop, more (up to one epoch);
 2. the diffusion U-Net's training images/s with ``torch.compile`` off and on (--compile-backend,
    inductor; the test uses aot_eager, which traces the same graph without generating kernels);
 3. Diffusion against diffusers' ``UNet2DModel`` of the same size (training at batch 128 and 512,
@@ -36,6 +38,7 @@ import copy
 import datetime
 import functools
 import json
+import math
 import os
 import platform
 import statistics
@@ -67,8 +70,9 @@ def hardware(device: torch.device) -> str:
     return f"{platform.machine()} CPU, {torch.get_num_threads()} thread(s)"
 
 
-def throughput_args(args, precision: str, batch_size: int, compile_: bool = False) -> argparse.Namespace:
-    return argparse.Namespace(batch_size=batch_size, steps=args.steps, warmup_steps=args.warmup_steps,
+def throughput_args(args, precision: str, batch_size: int, compile_: bool = False,
+                    steps: int | None = None) -> argparse.Namespace:
+    return argparse.Namespace(batch_size=batch_size, steps=steps or args.steps, warmup_steps=args.warmup_steps,
                               precision=precision, compile=compile_, compile_backend=args.compile_backend,
                               channels_last=False)
 
@@ -76,15 +80,34 @@ def throughput_args(args, precision: str, batch_size: int, compile_: bool = Fals
 Measurement = tuple[dict, Callable[[], dict]]  # the row's key, and what measures the rest of it
 
 
+def timed_step_count(steps: int, min_seconds: float, step_seconds: float, most: int) -> int:
+    """``steps``, or more where that many would take under ``min_seconds`` at ``step_seconds``
+    each (the plain loop's, from a short run), but no more than ``most`` (the batches of
+    one epoch after the warm-up): a window of a few steps of a few milliseconds moves with every
+    hiccup of the host."""
+    return max(steps, min(math.ceil(min_seconds / step_seconds), most))
+
+
 def training_throughput(args, device, images, labels) -> list[Measurement]:
     accelerator = device.type if device.type != "cuda" else "gpu"
-    cli_options = argparse.Namespace(batch_size=args.batch_size, steps=args.steps, warmup_steps=args.warmup_steps,
-                                     log_every_n_steps=50)
+
+    def timed_steps(model, precision: str) -> int:
+        if args.min_timed_seconds <= 0:
+            return args.steps
+        # a short run (the warm-up and 3 steps) is enough to tell 3 ms steps from 1 s ones
+        plain_rate = throughput.plain_throughput(copy.deepcopy(model), images, labels,
+                                                 throughput_args(args, precision, args.batch_size,
+                                                                 steps=min(3, args.steps)), device)
+        return timed_step_count(args.steps, args.min_timed_seconds, args.batch_size / plain_rate,
+                                len(images) // args.batch_size - args.warmup_steps)
 
     def measure(family: str, precision: str) -> dict:
         L.seed_everything(0, verbose=False)
         model = throughput.build(family, "small" if args.tiny else "config")
-        options = throughput_args(args, precision, args.batch_size)
+        steps = timed_steps(model, precision)
+        options = throughput_args(args, precision, args.batch_size, steps=steps)
+        cli_options = argparse.Namespace(batch_size=args.batch_size, steps=steps, warmup_steps=args.warmup_steps,
+                                         log_every_n_steps=50)
         cli_trainer = functools.partial(step_overhead.cli_trainer, accelerator=accelerator, precision=precision)
         sides = {
             "lightning": lambda: throughput.lightning_throughput(copy.deepcopy(model), images, labels, options, device),
@@ -98,7 +121,7 @@ def training_throughput(args, device, images, labels) -> list[Measurement]:
             for side in (list(sides) if repeat % 2 == 0 else list(sides)[::-1]):
                 runs[side].append(sides[side]())
         rates = {side: statistics.median(values) for side, values in runs.items()}
-        return {"lightning_images_per_s": rates["lightning"], "plain_images_per_s": rates["plain"],
+        return {"timed_steps": steps, "lightning_images_per_s": rates["lightning"], "plain_images_per_s": rates["plain"],
                 "ratio": rates["lightning"] / rates["plain"], "cli_trainer_images_per_s": rates["cli_trainer"],
                 "cli_ratio": rates["cli_trainer"] / rates["plain"],
                 **{f"{side}_runs_images_per_s": values for side, values in runs.items()}}
@@ -292,10 +315,10 @@ def markdown(results: dict) -> str:
         if results.get("repeats", 1) > 1:
             lines += [f"Training images/s: medians of {results['repeats']} runs of each side, the order of the "
                       "sides reversed every other run (the JSON has every run).", ""]
-        lines += ["| family | precision | Lightning img/s | plain img/s | ratio | cli.py's Trainer img/s | ratio |",
-                  "|---|---|---:|---:|---:|---:|---:|"]
-        lines += [f"| {r['family']} | {r['precision']} | {failure(r)} | | | | |" if "error" in r else
-                  f"| {r['family']} | {r['precision']} | {r['lightning_images_per_s']:.1f} | "
+        lines += ["| family | precision | timed steps | Lightning img/s | plain img/s | ratio | cli.py's Trainer img/s "
+                  "| ratio |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['family']} | {r['precision']} | | {failure(r)} | | | | |" if "error" in r else
+                  f"| {r['family']} | {r['precision']} | {r.get('timed_steps', '')} | {r['lightning_images_per_s']:.1f} | "
                   f"{r['plain_images_per_s']:.1f} | {r['ratio']:.3f} | {r['cli_trainer_images_per_s']:.1f} | "
                   f"{r['cli_ratio']:.3f} |" for r in results["throughput"]]
         lines.append("")
@@ -339,6 +362,9 @@ def main() -> None:
     parser.add_argument("--time-limit", type=float, default=None,
                         help="seconds: measurements not started by then are rows that say so (a "
                              "failure), so a lease that ends keeps the rest of the run's files")
+    parser.add_argument("--min-timed-seconds", type=float, default=None,
+                        help="part 1: more timed steps than --steps where those would take less than this "
+                             "in the plain loop, up to one epoch's batches (default 0.5; tiny 0)")
     parser.add_argument("--repeats", type=count, default=1,
                         help="part 1: runs of each side, their order reversed every other run; the table "
                              "gives medians, the JSON every run")
@@ -348,7 +374,8 @@ def main() -> None:
     parser.add_argument("--output-dir", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args()
     started = time.perf_counter()
-    defaults = {"batch_size": (512, 8), "steps": (20, 1), "warmup_steps": (5, 1), "fid_samples": (5000, 20)}
+    defaults = {"batch_size": (512, 8), "steps": (20, 1), "warmup_steps": (5, 1), "fid_samples": (5000, 20),
+                "min_timed_seconds": (0.5, 0.0)}
     for name, (full, tiny) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, tiny if args.tiny else full)

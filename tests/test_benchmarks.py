@@ -169,6 +169,14 @@ def test_gpu_check_keeps_measuring_after_a_failure_and_saves_every_row():
                                  for part in ("throughput", "fits") for row in results[part])
 
 
+def test_gpu_check_times_enough_steps_but_no_more_than_an_epoch_holds():
+    gpu_check = load_gpu_check()
+    assert gpu_check.timed_step_count(20, 0.5, 0.050, 100) == 20  # 20 steps of 50 ms: 1 s already
+    assert gpu_check.timed_step_count(20, 0.5, 0.003, 200) == 167  # 3 ms steps: 0.5 s needs 167
+    assert gpu_check.timed_step_count(20, 0.5, 0.001, 112) == 112  # capped at the epoch's batches
+    assert gpu_check.timed_step_count(20, 0.0, 0.001, 112) == 20
+
+
 def test_gpu_check_exits_non_zero_with_the_failed_rows_in_its_table(tmp_path, mnist_root):
     """Past --time-limit nothing more is measured: every row says so, in the JSON and the
     table, and the command fails naming how many."""
@@ -183,7 +191,7 @@ def test_gpu_check_exits_non_zero_with_the_failed_rows_in_its_table(tmp_path, mn
     assert sum(len(results[part]) for part in ("throughput", "compile", "fits")) == 21
     table = (tmp_path / "gpu_check.md").read_text()
     assert "**Failed: 21 measurement(s)**" in table
-    assert "| realnvp | bf16-mixed | failed: not measured: the run reached --time-limit |" in table
+    assert "| realnvp | bf16-mixed | | failed: not measured: the run reached --time-limit |" in table
 
 
 def test_gpu_check_repeats_the_chosen_part_and_families_with_the_order_reversed(tmp_path, mnist_root):
@@ -191,7 +199,8 @@ def test_gpu_check_repeats_the_chosen_part_and_families_with_the_order_reversed(
     --repeats times, the median in the table and every run in the JSON."""
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--tiny", "--device", "cpu",
-         "--parts", "throughput", "--families", "autoencoder", "--repeats", "3", "--output-dir", str(tmp_path)],
+         "--parts", "throughput", "--families", "autoencoder", "--repeats", "3", "--min-timed-seconds", "0.02",
+         "--output-dir", str(tmp_path)],
         env={**os.environ, "PYTHONPATH": str(REPO), "LIGHTNING_GEN_DATA": str(mnist_root), "OMP_NUM_THREADS": "1"},
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -200,6 +209,7 @@ def test_gpu_check_repeats_the_chosen_part_and_families_with_the_order_reversed(
     assert [(row["family"], row["precision"]) for row in results["throughput"]] == [
         ("autoencoder", "32-true"), ("autoencoder", "bf16-mixed")]
     for row in results["throughput"]:
+        assert row["timed_steps"] >= 1
         for side in ("lightning", "plain", "cli_trainer"):
             runs = row[f"{side}_runs_images_per_s"]
             assert len(runs) == 3 and all(rate > 0 for rate in runs)
