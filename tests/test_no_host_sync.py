@@ -132,14 +132,15 @@ def test_batches_under_the_cli_trainer_do_not_sync_with_the_device(name, tmp_pat
     torch.manual_seed(0)
     data = make_data(family.data, mnist_root)
     model = family.build(data.data_shape)
-    trainer = main(["--model", "Autoencoder", "--model.init_args.reconstruction_loss", "mse", "--data", "ToyDataModule",
-                    "--trainer.accelerator", "cpu",
-                    "--trainer.devices", "1", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "6",
+    # (the CLI needs a model and data to build its Trainer; the family's own are fitted on it)
+    trainer = main(["--model", "Autoencoder", "--model.init_args.reconstruction_loss", "mse",
+                    "--data", "ToyDataModule", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+                    "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "6",
                     "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
                     "--trainer.log_every_n_steps", "1000", "--trainer.enable_progress_bar", "false",
-                    "--trainer.default_root_dir", str(tmp_path), "--trainer.logger",
-                    "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(tmp_path)],
-                   run=False).trainer
+                    "--trainer.default_root_dir", str(tmp_path),
+                    "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+                    "--trainer.logger.save_dir", str(tmp_path)], run=False).trainer
     guard = SyncGuard(monkeypatch)
     guarding = GuardBatches(guard)
     trainer.callbacks.insert(0, guarding)
