@@ -186,16 +186,14 @@ def mnist_test_digits() -> torch.Tensor:
     return images_to_batch((data.test_set.images, data.test_set.labels))[0]
 
 
-def fid_floor(network, real: torch.Tensor, samples: int) -> float:
-    """FID of ``samples`` training digits against the real features ``real``: what a model that
-    drew the data itself would score (FID is biased upward at finite N)."""
+def fid_floor(network, real: torch.Tensor, training_images: torch.Tensor) -> float:
+    """FID of training digits (uint8, as many as the samples scored) against the real features
+    ``real``: what a model that drew the data itself would score (FID is biased upward at finite N)."""
     from lightning_gen.metrics import extract_features, fid_kid_from_features
 
-    data = MNISTDataModule(download=False)
-    data.setup("fit")
-    training_digits, _ = images_to_batch((data.train_set.images[:samples], data.train_set.labels[:samples]))
-    fid, _ = fid_kid_from_features(real.cpu(), extract_features(network, training_digits).cpu(),
-                                   kid_subset_size=min(1000, samples))
+    digits, _ = images_to_batch((training_images, torch.zeros(len(training_images))))
+    fid, _ = fid_kid_from_features(real.cpu(), extract_features(network, digits).cpu(),
+                                   kid_subset_size=min(1000, len(training_images)))
     return float(fid)
 
 
@@ -210,10 +208,13 @@ def mnist_fid_floor(samples: int, feature_network: str | None = None) -> float:
 
     path = feature_network or default_feature_network()
     network = load_feature_network(path)
-    return fid_floor(network, real_features(network, path, mnist_test_digits(), name="MNISTDataModule"), samples)
+    data = MNISTDataModule(download=False)
+    data.setup("fit")
+    return fid_floor(network, real_features(network, path, mnist_test_digits(), name="MNISTDataModule"),
+                     data.train_set.images[:samples])
 
 
-def short_fits(args, device) -> list[Measurement]:
+def short_fits(args, device, images) -> list[Measurement]:
     import yaml
 
     from lightning_gen.metrics import extract_features, fid_kid_from_features, load_feature_network, real_features
@@ -226,7 +227,7 @@ def short_fits(args, device) -> list[Measurement]:
         path = feature_network_path(args, device)
         network = load_feature_network(path).to(device)
         real = real_features(network, path, test_digits, name="MNISTDataModule")
-        return network, real, fid_floor(network, real, args.fid_samples)
+        return network, real, fid_floor(network, real, images[: args.fid_samples])
 
     def measure(family: str) -> dict:
         network, real, floor = scoring()
@@ -405,7 +406,7 @@ def main() -> None:
     parts = {"throughput": lambda: training_throughput(args, device, images, labels)}
     if not args.skip_diffusers:
         parts["diffusers"] = lambda: diffusers_comparison(args, device)
-    parts["fits"] = lambda: short_fits(args, device)
+    parts["fits"] = lambda: short_fits(args, device, images)
     parts["compile"] = lambda: compile_comparison(args, device, images, labels)
     parts = {name: part for name, part in parts.items() if name in args.parts}
     deadline = None if args.time_limit is None else started + args.time_limit

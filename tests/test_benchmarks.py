@@ -129,8 +129,9 @@ def test_gpu_check_runs_every_part_at_a_tiny_size(tmp_path, mnist_root):
     assert "| flow_matching | bf16-mixed |" in table and "cli.py's Trainer img/s" in table
 
 
-def load_gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
+def load_benchmark(name: str):
+    """The script ``benchmarks/<name>.py`` as a module (the folder is no package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -140,7 +141,7 @@ def test_gpu_check_keeps_measuring_after_a_failure_and_saves_every_row():
     """One broken measurement leaves a row with its traceback and costs no other figure; a part
     that cannot set up leaves one such row; the results are saved after every row; past the
     deadline the rest are rows that say so."""
-    gpu_check = load_gpu_check()
+    gpu_check = load_benchmark("gpu_check")
 
     def broken():
         raise ValueError("the bf16 kernel is missing")
@@ -170,7 +171,7 @@ def test_gpu_check_keeps_measuring_after_a_failure_and_saves_every_row():
 
 
 def test_gpu_check_times_enough_steps_but_no_more_than_an_epoch_holds():
-    gpu_check = load_gpu_check()
+    gpu_check = load_benchmark("gpu_check")
     assert gpu_check.timed_step_count(20, 0.5, 0.050, 100) == 20  # 20 steps of 50 ms: 1 s already
     assert gpu_check.timed_step_count(20, 0.5, 0.003, 200) == 167  # 3 ms steps: 0.5 s needs 167
     assert gpu_check.timed_step_count(20, 0.5, 0.001, 112) == 112  # capped at the epoch's batches
@@ -224,9 +225,7 @@ def test_rgb_fits_script_fits_and_predicts_through_the_command_line(tmp_path):
     import numpy as np
     from PIL import Image
 
-    spec = importlib.util.spec_from_file_location("loader_benchmark", REPO / "benchmarks" / "loader.py")
-    loader = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(loader)
+    loader = load_benchmark("loader")
     root = loader.make_folder(tmp_path / "images", 40)  # 32 train, 4 val, 4 test images
     output = tmp_path / "results" / "rgb_fits.md"
     result = subprocess.run(

@@ -61,6 +61,21 @@ class SyncGuard:
             self.active = previous
 
 
+def exempt_ot_pairing(model, guard: SyncGuard, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Minibatch optimal transport solves its assignment on the host by design (one copy of the
+    cost matrix per step, flow_matching/coupling.py): unguarded; the rest of the step is still
+    guarded."""
+    if getattr(model, "coupling", None) != "ot":
+        return
+    pair = flow_matching_module.pair
+
+    def unguarded_pair(*args, **kwargs):
+        with guard.enabled(False):
+            return pair(*args, **kwargs)
+
+    monkeypatch.setattr(flow_matching_module, "pair", unguarded_pair)
+
+
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_training_step_does_not_sync_with_the_device(name, tmp_path, mnist_root, monkeypatch):
     family = FAMILIES[name]
@@ -79,16 +94,7 @@ def test_training_step_does_not_sync_with_the_device(name, tmp_path, mnist_root,
         return output
 
     monkeypatch.setattr(model, "training_step", guarded_training_step)
-    if getattr(model, "coupling", None) == "ot":
-        # Minibatch optimal transport solves its assignment on the host by design (one copy of the
-        # cost matrix per step, flow_matching/coupling.py); the rest of the step is still guarded.
-        pair = flow_matching_module.pair
-
-        def unguarded_pair(*args, **kwargs):
-            with guard.enabled(False):
-                return pair(*args, **kwargs)
-
-        monkeypatch.setattr(flow_matching_module, "pair", unguarded_pair)
+    exempt_ot_pairing(model, guard, monkeypatch)
     trainer = tiny_trainer(tmp_path, max_steps=6, limit_val_batches=0)
     optimizer_step = trainer.strategy.optimizer_step
 
@@ -144,14 +150,7 @@ def test_batches_under_the_cli_trainer_do_not_sync_with_the_device(name, tmp_pat
     guard = SyncGuard(monkeypatch)
     guarding = GuardBatches(guard)
     trainer.callbacks.insert(0, guarding)
-    if getattr(model, "coupling", None) == "ot":  # solved on the host by design (see above)
-        pair = flow_matching_module.pair
-
-        def unguarded_pair(*args, **kwargs):
-            with guard.enabled(False):
-                return pair(*args, **kwargs)
-
-        monkeypatch.setattr(flow_matching_module, "pair", unguarded_pair)
+    exempt_ot_pairing(model, guard, monkeypatch)
     trainer.fit(model, datamodule=data)
     assert guarding.guarded_batches == trainer.num_training_batches - 1 >= 3 and not guard.active
 
