@@ -391,9 +391,10 @@ def test_training_metrics_epoch_means_weight_batch_sizes(monkeypatch):
 
 # ------------------------------------------------------------------------------------------ EMA
 def reference_update(ema: ExponentialMovingAverage, network: nn.Module) -> None:
-    """The per-tensor loop the fused update replaced."""
+    """The per-tensor loop the fused update replaced, its decay from the saved count."""
     with torch.no_grad():
-        weight = 1.0 - ema.current_decay()
+        n = int(ema.num_updates)
+        weight = 1.0 - min(ema.decay, (1.0 + n) / (10.0 + n))
         for average, value in zip(ema.averaged.parameters(), network.parameters()):
             average.lerp_(value.detach().to(average.dtype), weight)
         for average, value in zip(ema.averaged.buffers(), network.buffers()):
@@ -422,6 +423,20 @@ def test_fused_ema_update_is_the_per_tensor_update_bit_for_bit():
     for (name, mine), theirs in zip(fused.state_dict().items(), looped.state_dict().values()):
         assert torch.equal(mine, theirs), name
     assert int(fused.num_updates) == 12
+
+
+def test_ema_decay_continues_from_a_loaded_count():
+    """The decay's count lives on the host too (no device read per update); a loaded state dict
+    (a checkpoint's) sets it, so the warm-up resumes where the saved average left it."""
+    network = nn.Linear(3, 2)
+    trained = ExponentialMovingAverage(network, 0.99)
+    for _ in range(7):
+        trained.update(network)
+    resumed = ExponentialMovingAverage(network, 0.99)
+    assert resumed.current_decay() == 1.0 / 10.0
+    resumed.load_state_dict(trained.state_dict())
+    assert resumed.current_decay() == trained.current_decay() == 8.0 / 17.0
+    assert ExponentialMovingAverage(network, 0.3, warmup=False).current_decay() == 0.3
 
 
 def test_ema_follows_the_network_after_it_moves_and_reloads(monkeypatch):

@@ -33,13 +33,17 @@ class ExponentialMovingAverage(nn.Module):
         self.warmup = warmup
         self.averaged = copy.deepcopy(network).eval().requires_grad_(False)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        # num_updates (saved in checkpoints) counted on the host as well, so that the decay is a
+        # Python number: computing it on the device cost five tensor operations per update, and
+        # reading the buffer would wait for the device. Set again when a state dict is loaded.
+        self._updates = 0
         self._pairs: tuple | None = None
 
-    def current_decay(self) -> torch.Tensor:
+    def current_decay(self) -> float:
         if not self.warmup:
-            return torch.full((), self.decay, device=self.num_updates.device)
-        n = self.num_updates.float()
-        return torch.clamp((1.0 + n) / (10.0 + n), max=self.decay)
+            return self.decay
+        n = self._updates
+        return min(self.decay, (1.0 + n) / (10.0 + n))
 
     def _tensor_lists(self, network: nn.Module) -> tuple:
         """(network, averaged parameters, network parameters, averaged buffers, network
@@ -63,24 +67,27 @@ class ExponentialMovingAverage(nn.Module):
 
     @torch.no_grad()
     def update(self, network: nn.Module) -> None:
-        # The decay stays a tensor so the update needs no host sync; one fused call per list
-        # (the same lerp_ per tensor as a loop over them, without Python's cost per tensor).
+        # One fused call per list (the same lerp_ per tensor as a loop over them, without
+        # Python's cost per tensor), its weight one number for all of them.
         weight = 1.0 - self.current_decay()
         _, averaged, current, same_dtypes, averaged_buffers, buffers = self._tensor_lists(network)
         if not same_dtypes:
             current = [value.to(average.dtype) for average, value in zip(averaged, current)]
-        torch._foreach_lerp_(averaged, current, [weight] * len(averaged))
+        torch._foreach_lerp_(averaged, current, weight)
         if averaged_buffers:
             torch._foreach_copy_(averaged_buffers, buffers)
         self.num_updates.add_(1)  # in place: += would re-register the buffer (nn.Module.__setattr__)
+        self._updates += 1
 
     def _apply(self, *args, **kwargs):
         self._pairs = None
         return super()._apply(*args, **kwargs)
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         self._pairs = None
-        super()._load_from_state_dict(*args, **kwargs)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "num_updates" in state_dict:
+            self._updates = int(state_dict[prefix + "num_updates"])
 
     def train(self, mode: bool = True) -> "ExponentialMovingAverage":
         # The averaged copy is only ever evaluated (dropout off, norm statistics frozen).
