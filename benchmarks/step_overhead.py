@@ -41,6 +41,10 @@ family's additions over the bare module (and, with ``--attribution``, its own wo
 by round, their medians kept: the bare module's overhead alone moved by a third between two runs
 of the same command minutes apart.
 
+``--without-ema`` adds rows of diffusion and flow matching built without their weight average
+(``ema_decay`` None): with ``--attribution``, what the average's update costs of the project's own
+work, read in the same rounds.
+
 ``--size tiny`` shrinks ``throughput.py``'s small networks further (``TINY`` below); ``small`` and
 ``config`` are throughput.py's sizes. ``--json`` writes the rows for a program to read.
 """
@@ -182,7 +186,26 @@ class BareManualModule(L.LightningModule):
         return adamw(self.generator.parameters(), lr=1e-3), adamw(self.discriminator.parameters(), lr=1e-3)
 
 
+# ``--without-ema`` rows: a family that keeps a weight average, built without it (ema_decay None),
+# so that the average's share of the project's own work is read in the same rounds.
+WITHOUT_EMA = " without EMA"
+AVERAGED_FAMILIES = ("diffusion", "flow_matching")
+
+
+def row_names(families: list[str], no_bare: bool = False, without_ema: bool = False) -> list[str]:
+    """The rows a run measures, in order: the bare rows, the families, then the averaged families
+    again without their average."""
+    names = ([] if no_bare else list(BARE)) + list(families)
+    if without_ema:
+        names += [family + WITHOUT_EMA for family in families if family in AVERAGED_FAMILIES]
+    return names
+
+
 def build_model(name: str, size: str) -> L.LightningModule:
+    if name.endswith(WITHOUT_EMA):
+        family = name[:-len(WITHOUT_EMA)]
+        return build(family, "small" if size == "tiny" else size,
+                     {**(TINY[family] if size == "tiny" else {}), "ema_decay": None})
     if name == "bare+manual":
         return BareManualModule()
     if name == "bare+ballast":
@@ -574,6 +597,9 @@ def main() -> None:
                              "(PairedPlainSteps) instead of alternating whole runs")
     parser.add_argument("--attribution", action="store_true",
                         help="also time each family under Lightning alone (without_project_steps)")
+    parser.add_argument("--without-ema", action="store_true",
+                        help="also measure diffusion and flow matching (where in --families) without "
+                             "their weight average")
     parser.add_argument("--threads", type=count_or_zero, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--output", type=Path, default=None, help="append the table to this file")
     parser.add_argument("--json", type=Path, default=None, help="write the rows as JSON here")
@@ -589,7 +615,7 @@ def main() -> None:
     data.setup("fit")
     images, labels = data.train_set.images, data.train_set.labels
 
-    names = ([] if args.no_bare else list(BARE)) + list(args.families)
+    names = row_names(args.families, args.no_bare, args.without_ema)
     if args.count_calls:
         rows = []
         for name in names:

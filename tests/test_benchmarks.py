@@ -137,6 +137,20 @@ def load_benchmark(name: str):
     return module
 
 
+def test_step_overhead_rows_without_the_weight_average():
+    """--without-ema adds diffusion and flow matching built without their average, the same
+    network otherwise, after the other rows."""
+    step_overhead = load_benchmark("step_overhead")
+    assert step_overhead.row_names(["vae", "diffusion", "flow_matching"], no_bare=True, without_ema=True) == [
+        "vae", "diffusion", "flow_matching", "diffusion without EMA", "flow_matching without EMA"]
+    assert step_overhead.row_names(["gan"], without_ema=True) == [*step_overhead.BARE, "gan"]
+    for family in ("diffusion", "flow_matching"):
+        averaged = step_overhead.build_model(family, "tiny")
+        plain = step_overhead.build_model(family + step_overhead.WITHOUT_EMA, "tiny")
+        assert averaged.ema is not None and plain.ema is None
+        assert [p.shape for p in averaged.network.parameters()] == [p.shape for p in plain.network.parameters()]
+
+
 def test_gpu_check_keeps_measuring_after_a_failure_and_saves_every_row():
     """One broken measurement leaves a row with its traceback and costs no other figure; a part
     that cannot set up leaves one such row; the results are saved after every row; past the
