@@ -9,6 +9,8 @@ before --min-timed-seconds lengthened part 1's shortest runs) and writes
    sides), and under the Trainer ``cli.py fit`` builds (its callbacks and progress bar, a CSV
    logger: ``step_overhead.cli_trainer``), in 32-true and bf16-mixed, over --steps timed steps
    or, where those take under --min-timed-seconds in the plain loop, more (up to one epoch);
+   ``--cli-without-bar`` adds that Trainer with its progress bar off (the bar reads the loss
+   from the device at each redraw, ten times a second);
 2. the diffusion U-Net's training images/s with ``torch.compile`` off and on (--compile-backend,
    inductor; the test uses aot_eager, which traces the same graph without generating kernels);
 3. Diffusion against diffusers' ``UNet2DModel`` of the same size (training at batch 128 and 512,
@@ -114,6 +116,10 @@ def training_throughput(args, device, images, labels) -> list[Measurement]:
             "plain": lambda: throughput.plain_throughput(copy.deepcopy(model), images, labels, options, device),
             "cli_trainer": lambda: args.batch_size / step_overhead.trainer_step_seconds(
                 copy.deepcopy(model), images, labels, cli_options, device, cli_trainer)}
+        if args.cli_without_bar:
+            sides["cli_no_bar"] = lambda: args.batch_size / step_overhead.trainer_step_seconds(
+                copy.deepcopy(model), images, labels, cli_options, device,
+                functools.partial(cli_trainer, progress_bar=False))
         runs = {side: [] for side in sides}
         for repeat in range(args.repeats):
             # Reversed every other repeat: a side measured first (clocks rising, caches cold)
@@ -124,6 +130,8 @@ def training_throughput(args, device, images, labels) -> list[Measurement]:
         return {"timed_steps": steps, "lightning_images_per_s": rates["lightning"], "plain_images_per_s": rates["plain"],
                 "ratio": rates["lightning"] / rates["plain"], "cli_trainer_images_per_s": rates["cli_trainer"],
                 "cli_ratio": rates["cli_trainer"] / rates["plain"],
+                **({"cli_no_bar_images_per_s": rates["cli_no_bar"], "cli_no_bar_ratio": rates["cli_no_bar"] / rates["plain"]}
+                   if "cli_no_bar" in rates else {}),
                 **{f"{side}_runs_images_per_s": values for side, values in runs.items()}}
 
     return [({"family": family, "precision": precision}, functools.partial(measure, family, precision))
@@ -316,12 +324,17 @@ def markdown(results: dict) -> str:
         if results.get("repeats", 1) > 1:
             lines += [f"Training images/s: medians of {results['repeats']} runs of each side, the order of the "
                       "sides reversed every other run (the JSON has every run).", ""]
+        without_bar = any("cli_no_bar_ratio" in r for r in results["throughput"])
         lines += ["| family | precision | timed steps | Lightning img/s | plain img/s | ratio | cli.py's Trainer img/s "
-                  "| ratio |", "|---|---|---:|---:|---:|---:|---:|---:|"]
-        lines += [f"| {r['family']} | {r['precision']} | | {failure(r)} | | | | |" if "error" in r else
+                  "| ratio |" + (" same, no progress bar, img/s | ratio |" if without_bar else ""),
+                  "|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if without_bar else "")]
+        lines += [f"| {r['family']} | {r['precision']} | | {failure(r)} | | | | |" + (" | |" if without_bar else "")
+                  if "error" in r else
                   f"| {r['family']} | {r['precision']} | {r.get('timed_steps', '')} | {r['lightning_images_per_s']:.1f} | "
                   f"{r['plain_images_per_s']:.1f} | {r['ratio']:.3f} | {r['cli_trainer_images_per_s']:.1f} | "
-                  f"{r['cli_ratio']:.3f} |" for r in results["throughput"]]
+                  f"{r['cli_ratio']:.3f} |"
+                  + (f" {r['cli_no_bar_images_per_s']:.1f} | {r['cli_no_bar_ratio']:.3f} |" if without_bar else "")
+                  for r in results["throughput"]]
         lines.append("")
     if results.get("compile"):
         lines += ["| diffusion U-Net | backend | precision | Lightning img/s |", "|---|---|---|---:|"]
@@ -371,6 +384,9 @@ def main() -> None:
                              "gives medians, the JSON every run")
     parser.add_argument("--families", nargs="+", default=list(throughput.FAMILIES), choices=list(throughput.FAMILIES),
                         help="part 1's families (default all)")
+    parser.add_argument("--cli-without-bar", action="store_true",
+                        help="part 1 also times cli.py's Trainer without its progress bar, whose redraws "
+                             "(10 a second) read the loss from the device")
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS, help="the parts to run (default all)")
     parser.add_argument("--output-dir", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args()

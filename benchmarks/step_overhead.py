@@ -218,9 +218,10 @@ def build_model(name: str, size: str) -> L.LightningModule:
 
 
 def cli_trainer(root: Path, batches: int, log_every_n_steps: int, accelerator: str = "cpu",
-                precision: str = "32-true") -> L.Trainer:
+                precision: str = "32-true", progress_bar: bool = True) -> L.Trainer:
     """The Trainer ``cli.py fit`` would build (its callbacks, the Trainer's defaults), with a
-    CSVLogger under ``root``, one epoch of ``batches`` batches and no validation."""
+    CSVLogger under ``root``, one epoch of ``batches`` batches and no validation;
+    ``progress_bar=False`` is ``--trainer.enable_progress_bar false``."""
     from lightning_gen.cli import main
 
     args = ["--model", "Autoencoder", "--model.init_args.reconstruction_loss", "mse",
@@ -232,6 +233,8 @@ def cli_trainer(root: Path, batches: int, log_every_n_steps: int, accelerator: s
             "--trainer.default_root_dir", str(root),
             "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
             "--trainer.logger.save_dir", str(root)]
+    if not progress_bar:
+        args += ["--trainer.enable_progress_bar", "false"]
     return main(args, run=False).trainer
 
 

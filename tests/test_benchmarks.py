@@ -137,6 +137,27 @@ def load_benchmark(name: str):
     return module
 
 
+def test_gpu_check_times_the_cli_trainer_without_its_bar_when_asked(tmp_path, mnist_root):
+    """--cli-without-bar: part 1 has a fourth side, cli.py's Trainer with the progress bar off,
+    in the JSON and as two more columns of the table."""
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "LIGHTNING_GEN_DATA": str(mnist_root),
+                   "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--tiny", "--device", "cpu", "--skip-diffusers",
+         "--parts", "throughput", "--families", "vae", "--cli-without-bar", "--output-dir", str(tmp_path)],
+        env=environment, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "gpu_check.json").read_text())["throughput"]
+    assert [(row["family"], row["precision"]) for row in rows] == [("vae", "32-true"), ("vae", "bf16-mixed")]
+    for row in rows:
+        assert row["cli_no_bar_images_per_s"] > 0 and len(row["cli_no_bar_runs_images_per_s"]) == 1
+        assert row["cli_no_bar_ratio"] == pytest.approx(row["cli_no_bar_images_per_s"] / row["plain_images_per_s"])
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert "same, no progress bar, img/s" in table
+    line = next(line for line in table.splitlines() if line.startswith("| vae | 32-true |"))
+    assert line.count("|") == 11 and f"{rows[0]['cli_no_bar_ratio']:.3f}" in line
+
+
 def test_step_overhead_rows_without_the_weight_average():
     """--without-ema adds diffusion and flow matching built without their average, the same
     network otherwise, after the other rows."""
