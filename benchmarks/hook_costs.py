@@ -7,9 +7,12 @@ timings): the attribute set through ``nn.Module.__setattr__`` and through
 ``GenerativeModule.__setattr__``, and one ``with profiler.profile(...)`` under Lightning's
 ``PassThroughProfiler`` and under ``NullProfiler``; then one ``self.log`` of a step value for the
 progress bar inside a training step (what a bar that reads ``trainer.progress_bar_metrics`` needs
-per redraw; "What one self.log costs").
+per redraw; "What one self.log costs"); then one update of the weight average
+(``ExponentialMovingAverage.update``, after every optimizer step of diffusion and flow matching)
+of the U-Net of ``step_overhead.py --size tiny`` (146 tensors) and of configs/diffusion_mnist.yaml
+(246 tensors, 4.1M parameters), warm, one thread.
 
-    python benchmarks/hook_costs.py [--calls 200000] [--log-calls 2000]
+    python benchmarks/hook_costs.py [--calls 200000] [--log-calls 2000] [--ema-calls 2000]
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from arguments import count
 
 from lightning_gen import Autoencoder
 from lightning_gen.callbacks import NullProfiler
+from lightning_gen.nn import ExponentialMovingAverage
 
 
 def per_call_us(statement, calls: int) -> float:
@@ -76,10 +80,21 @@ def log_us(calls: int) -> float:
     return module.microseconds
 
 
+def ema_update_us(size: str, calls: int) -> float:
+    from step_overhead import TINY
+    from throughput import build
+
+    network = build("diffusion", "config", TINY["diffusion"] if size == "tiny" else None).network
+    average = ExponentialMovingAverage(network, 0.999)
+    return per_call_us(lambda: average.update(network), calls)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=count, default=200_000, help="calls per timing")
     parser.add_argument("--log-calls", type=count, default=2_000, help="self.log calls per timing")
+    parser.add_argument("--ema-calls", type=count, default=2_000,
+                        help="weight-average updates per timing (the config-size network: a 50th of them)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = Autoencoder((2,), latent_dim=2, hidden_dims=(8,), reconstruction_loss="mse")
@@ -94,6 +109,8 @@ def main() -> None:
         ("with PassThroughProfiler().profile(name)", per_call_us(profiled_hook(PassThroughProfiler()), args.calls)),
         ("with NullProfiler().profile(name)", per_call_us(profiled_hook(NullProfiler()), args.calls)),
         ("self.log of a progress-bar step value in a training step", log_us(args.log_calls)),
+        ("weight-average update, tiny U-Net (146 tensors)", ema_update_us("tiny", args.ema_calls)),
+        ("weight-average update, the config's U-Net (246 tensors)", ema_update_us("config", max(args.ema_calls // 50, 1))),
     ]
     for name, microseconds in rows:
         print(f"{name}: {microseconds:.2f} us")

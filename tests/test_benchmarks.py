@@ -32,7 +32,7 @@ def test_throughput_script_measures_every_family(mnist_root):
 
 def test_hook_costs_script_times_each_bookkeeping_path():
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "hook_costs.py"), "--calls", "1000",
-                             "--log-calls", "10"],
+                             "--log-calls", "10", "--ema-calls", "10"],
                             env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -41,7 +41,9 @@ def test_hook_costs_script_times_each_bookkeeping_path():
                            "GenerativeModule.__setattr__ of _current_fx_name",
                            "GenerativeModule.__setattr__ of another attribute",
                            "with PassThroughProfiler().profile(name)", "with NullProfiler().profile(name)",
-                           "self.log of a progress-bar step value in a training step"]
+                           "self.log of a progress-bar step value in a training step",
+                           "weight-average update, tiny U-Net (146 tensors)",
+                           "weight-average update, the config's U-Net (246 tensors)"]
     assert all(value.endswith(" us") and float(value.removesuffix(" us")) > 0 for value in timed.values())
 
 
