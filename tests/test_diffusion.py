@@ -310,6 +310,7 @@ def test_ema_follows_each_optimizer_step_and_is_checkpointed(tmp_path):
     reloaded = Diffusion.load_from_checkpoint(path).eval()
     for average, loaded in zip(model.ema.averaged.parameters(), reloaded.ema.averaged.parameters()):
         torch.testing.assert_close(average, loaded)
+    assert reloaded.ema.current_decay() == model.ema.current_decay() == 5 / 14  # the warm-up goes on
     x_T = torch.randn(5, 2)
     torch.testing.assert_close(reloaded.sample(5, x_T=x_T), reloaded.sample(5, x_T=x_T, use_ema=True))
     assert not torch.allclose(reloaded.sample(5, x_T=x_T), reloaded.sample(5, x_T=x_T, use_ema=False))
