@@ -110,16 +110,18 @@ def training_throughput(args, device, images, labels) -> list[Measurement]:
         options = throughput_args(args, precision, args.batch_size, steps=steps)
         cli_options = argparse.Namespace(batch_size=args.batch_size, steps=steps, warmup_steps=args.warmup_steps,
                                          log_every_n_steps=50)
-        cli_trainer = functools.partial(step_overhead.cli_trainer, accelerator=accelerator, precision=precision)
+        def cli_rate(progress_bar: bool) -> float:
+            make_trainer = functools.partial(step_overhead.cli_trainer, accelerator=accelerator, precision=precision,
+                                             progress_bar=progress_bar)
+            return args.batch_size / step_overhead.trainer_step_seconds(copy.deepcopy(model), images, labels,
+                                                                        cli_options, device, make_trainer)
+
         sides = {
             "lightning": lambda: throughput.lightning_throughput(copy.deepcopy(model), images, labels, options, device),
             "plain": lambda: throughput.plain_throughput(copy.deepcopy(model), images, labels, options, device),
-            "cli_trainer": lambda: args.batch_size / step_overhead.trainer_step_seconds(
-                copy.deepcopy(model), images, labels, cli_options, device, cli_trainer)}
+            "cli_trainer": functools.partial(cli_rate, True)}
         if args.cli_without_bar:
-            sides["cli_no_bar"] = lambda: args.batch_size / step_overhead.trainer_step_seconds(
-                copy.deepcopy(model), images, labels, cli_options, device,
-                functools.partial(cli_trainer, progress_bar=False))
+            sides["cli_no_bar"] = functools.partial(cli_rate, False)
         runs = {side: [] for side in sides}
         for repeat in range(args.repeats):
             # Reversed every other repeat: a side measured first (clocks rising, caches cold)

@@ -3,6 +3,7 @@ fake data files in a data set's own format for configs whose data cannot be down
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pickle
 from pathlib import Path
@@ -23,6 +24,14 @@ ACCELERATOR = os.environ.get("LIGHTNING_GEN_TEST_ACCELERATOR", "cpu")
 # Note: pass batch limits as integers >= 2 ("1" parses as the float 1.0, i.e. 100% of the batches).
 QUICK = ["--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", "logs",
          "--trainer.enable_progress_bar", "false", "--trainer.accelerator", ACCELERATOR, "--trainer.devices", "1"]
+
+
+def load_benchmark(name: str):
+    """The script ``benchmarks/<name>.py`` as a module (the folder is no package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_cli(*args: str, run: bool = True):

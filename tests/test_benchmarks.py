@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from cli_helpers import REPO
+from cli_helpers import REPO, load_benchmark
 
 
 def test_throughput_script_measures_every_family(mnist_root):
@@ -129,14 +129,6 @@ def test_gpu_check_runs_every_part_at_a_tiny_size(tmp_path, mnist_root):
                for row in results["fits"] if row["family"] != "gan")
     table = (tmp_path / "gpu_check.md").read_text()
     assert "| flow_matching | bf16-mixed |" in table and "cli.py's Trainer img/s" in table
-
-
-def load_benchmark(name: str):
-    """The script ``benchmarks/<name>.py`` as a module (the folder is no package)."""
-    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_gpu_check_times_the_cli_trainer_without_its_bar_when_asked(tmp_path, mnist_root):

@@ -22,6 +22,7 @@ import lightning as L
 import pytest
 import torch
 
+from cli_helpers import load_benchmark
 from lightning_gen.flow_matching import module as flow_matching_module
 from test_contract import FAMILIES, make_data, tiny_trainer
 
@@ -132,21 +133,12 @@ def test_batches_under_the_cli_trainer_do_not_sync_with_the_device(name, tmp_pat
     no tensor-to-host conversion from the second batch to the end of the epoch: a GPU keeps its
     queue full there. (The bar converts at its redraws and the logger at its logging steps, by
     design.)"""
-    from lightning_gen.cli import main
-
     family = FAMILIES[name]
     torch.manual_seed(0)
     data = make_data(family.data, mnist_root)
     model = family.build(data.data_shape)
-    # (the CLI needs a model and data to build its Trainer; the family's own are fitted on it)
-    trainer = main(["--model", "Autoencoder", "--model.init_args.reconstruction_loss", "mse",
-                    "--data", "ToyDataModule", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
-                    "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "6",
-                    "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
-                    "--trainer.log_every_n_steps", "1000", "--trainer.enable_progress_bar", "false",
-                    "--trainer.default_root_dir", str(tmp_path),
-                    "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
-                    "--trainer.logger.save_dir", str(tmp_path)], run=False).trainer
+    # the benchmarks' copy of the Trainer cli.py fit builds: 6 batches, no logging step among them
+    trainer = load_benchmark("step_overhead").cli_trainer(tmp_path, 6, 1000, progress_bar=False)
     guard = SyncGuard(monkeypatch)
     guarding = GuardBatches(guard)
     trainer.callbacks.insert(0, guarding)
